@@ -1,0 +1,147 @@
+"""
+Throughput of EchoGen at a given config: the training step (images/s, the share of step time
+spent waiting for data, model FLOP utilization) and the sampler (images/s). MFU is measured
+against the device's peak as measured here with a large matrix product (float32 on the CPU,
+bf16 on CUDA), not against a datasheet, so the figure is honest on any machine.
+
+    python bench.py                       # the tiny CPU config of train_pretrain.py
+    python bench.py config/gpu.py         # the R = 64 GPU config (bf16, torch.compile)
+    python bench.py --batch_size=64 --steps=20
+
+Prints one JSON line of figures.
+"""
+
+import json
+import sys
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import data
+import runtime
+import sampler
+from model import EchoGen, ModelConfig, rectified_flow_loss, sample_timesteps
+
+# -----------------------------------------------------------------------------
+# config: the model and data keys of train_pretrain.py with its defaults; its config files work here
+# too (keys that do not matter for a benchmark, such as max_steps, are skipped)
+data_dir = "data"
+res = 32
+cache_scenes = 20000
+patch = 4
+dim = 128
+depth = 4
+heads = 4
+text_depth = 2
+max_instances = 8
+batch_size = 32
+lr = 1e-3
+device = "auto"
+compile = False
+steps = 10  # timed training steps (after warmup_bench untimed ones)
+warmup_bench = 3
+sample_steps = 25  # sampler: Euler steps per image
+cfg_scale = 3.0
+sample_batch = 64
+# -----------------------------------------------------------------------------
+config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
+globals().update(runtime.configure({k: globals()[k] for k in config_keys}, sys.argv[1:], skip_unknown_file_keys=True))
+# -----------------------------------------------------------------------------
+
+
+def synchronize(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measured_peak_flops(dev):
+    """FLOP/s of a large matrix product: float32 on the CPU, bf16 on CUDA (what training uses)."""
+    n, dtype = (2048, torch.float32) if dev.type == "cpu" else (8192, torch.bfloat16)
+    a, b = torch.randn(n, n, device=dev, dtype=dtype), torch.randn(n, n, device=dev, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    synchronize(dev)
+    reps = 5 if dev.type == "cpu" else 50
+    tic = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    synchronize(dev)
+    return 2 * n ** 3 * reps / (time.perf_counter() - tic)
+
+
+def training_flops_per_step(model, batch, t, noise):
+    """FLOPs of one forward + backward, counted by torch's FlopCounterMode (matmuls and attention)."""
+    with FlopCounterMode(display=False) as counter:
+        rectified_flow_loss(model, batch["images"], t, noise, batch["caption_ids"], batch["phrase_ids"],
+                            batch["boxes"], batch["instance_mask"]).backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def main():
+    dev = runtime.Dist(device).device
+    torch.manual_seed(0)
+    tokenizer = data.build_tokenizer()
+    cache = data.load_or_prepare_cache(res, cache_scenes, 0, data_dir=data_dir, max_instances=max_instances)
+    config = ModelConfig(res=res, patch=patch, dim=dim, depth=depth, heads=heads, text_depth=text_depth,
+                         vocab_size=tokenizer.get_vocab_size(), max_instances=max_instances,
+                         max_caption_len=data.MAX_CAPTION_LEN, max_phrase_len=data.MAX_PHRASE_LEN)
+    model = EchoGen(config).to(dev)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, fused=dev.type == "cuda")
+    g = torch.Generator().manual_seed(0)
+
+    def next_batch(step):
+        indices = runtime.global_batch_indices(step, batch_size, len(cache), 0)
+        batch = {k: v.to(dev, non_blocking=True) for k, v in cache.batch(indices).items()}
+        return batch, sample_timesteps(batch_size, g).to(dev), torch.randn(batch_size, 3, res, res, device=dev)
+
+    flops = training_flops_per_step(model, *next_batch(0))
+    if compile:
+        model.compile_blocks()
+
+    data_seconds, step_seconds = 0.0, 0.0
+    for step in range(warmup_bench + steps):
+        synchronize(dev)
+        tic = time.perf_counter()
+        batch, t, noise = next_batch(step)
+        synchronize(dev)
+        fetched = time.perf_counter()
+        with runtime.autocast(dev):
+            loss = rectified_flow_loss(model, batch["images"], t, noise, batch["caption_ids"], batch["phrase_ids"],
+                                       batch["boxes"], batch["instance_mask"])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        synchronize(dev)
+        if step >= warmup_bench:
+            data_seconds += fetched - tic
+            step_seconds += time.perf_counter() - tic
+
+    model.eval()
+    scenes = data.make_scene_set("val", sample_batch, seed=0)
+    sampler.generate(model, scenes[:2], tokenizer, steps=2, cfg=cfg_scale)  # warm up (and compile)
+    synchronize(dev)
+    tic = time.perf_counter()
+    sampler.generate(model, scenes, tokenizer, steps=sample_steps, cfg=cfg_scale, batch_size=sample_batch)
+    synchronize(dev)
+    sample_seconds = time.perf_counter() - tic
+
+    peak = measured_peak_flops(dev)
+    achieved = flops * steps / step_seconds
+    print(json.dumps({
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu x {torch.get_num_threads()} threads",
+        "res": res, "params_M": round(model.num_params() / 1e6, 2), "batch_size": batch_size, "compile": compile,
+        "train_steps_per_s": round(steps / step_seconds, 3),
+        "train_images_per_s": round(steps * batch_size / step_seconds, 1),
+        "data_wait_share": round(data_seconds / step_seconds, 4),
+        "train_gflop_per_step": round(flops / 1e9, 2),
+        "achieved_tflops": round(achieved / 1e12, 4), "peak_tflops_measured": round(peak / 1e12, 4),
+        "mfu": round(achieved / peak, 4),
+        "sample_images_per_s": round(len(scenes) / sample_seconds, 2),
+        "sample_steps": sample_steps, "cfg": cfg_scale,
+    }))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+"""The MM-DiT: shapes, adaLN-Zero identity at init, condition dropout, the flow loss, the ODE sampler."""
+
+import math
+
+import pytest
+import torch
+
+import sampler
+from model import EchoGen, ModelConfig, fourier_box_embedding, rectified_flow_loss
+
+TINY = ModelConfig(res=16, patch=2, dim=32, depth=2, heads=2, text_depth=1, vocab_size=20,
+                   max_caption_len=10, max_phrase_len=4, max_instances=3)
+
+
+def random_batch(B=2, config=TINY, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    caption_ids = torch.randint(1, config.vocab_size, (B, config.max_caption_len), generator=g)
+    caption_ids[:, 6:] = 0
+    phrase_ids = torch.randint(1, config.vocab_size, (B, config.max_instances, config.max_phrase_len), generator=g)
+    phrase_ids[:, :, 2:] = 0
+    xy = torch.rand(B, config.max_instances, 2, generator=g) * 0.5
+    boxes = torch.cat([xy, xy + 0.3], dim=-1)
+    instance_mask = torch.tensor([[True, True, False]] * B)
+    phrase_ids[~instance_mask] = 0
+    return dict(caption_ids=caption_ids, phrase_ids=phrase_ids, boxes=boxes, instance_mask=instance_mask)
+
+
+def perturb_zero_inits(model, scale=0.05):
+    """Give the zero-initialized layers some weight, as training would, so outputs depend on everything."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if torch.all(p == 0):
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+    return model
+
+
+def test_output_shape_and_zero_velocity_at_init():
+    torch.manual_seed(0)
+    model = EchoGen(TINY)
+    x = torch.randn(2, 3, 16, 16)
+    v = model(x, torch.rand(2), **random_batch())
+    assert v.shape == x.shape
+    assert torch.all(v == 0), "the zero-initialized final layer must predict v = 0"
+
+
+def test_blocks_start_as_identity_on_both_streams():
+    torch.manual_seed(0)
+    model = EchoGen(TINY)
+    cond = torch.randn(2, 7, 32)
+    image = torch.randn(2, 64, 32)
+    c = torch.randn(2, 32)
+    mask = torch.ones(2, 1, 1, 71, dtype=torch.bool)
+    for block in model.blocks:
+        cond_out, image_out = block(cond, image, c, mask)
+        assert torch.equal(image_out, image)
+        assert torch.equal(cond_out, cond) if block is not model.blocks[-1] else cond_out is None
+    # and they stop being the identity once the adaLN gates are non-zero
+    perturb_zero_inits(model)
+    _, image_out = model.blocks[0](cond, image, c, mask)
+    assert not torch.allclose(image_out, image)
+
+
+def test_conditioning_changes_output_and_padding_does_not():
+    torch.manual_seed(0)
+    model = perturb_zero_inits(EchoGen(TINY)).eval()
+    batch = random_batch()
+    x, t = torch.randn(2, 3, 16, 16), torch.full((2,), 0.5)
+    v = model(x, t, **batch)
+    moved = dict(batch, boxes=batch["boxes"].clone())
+    moved["boxes"][:, 0] += 0.1
+    assert not torch.allclose(model(x, t, **moved), v, atol=1e-6), "boxes must condition the image"
+    # the box of an empty slot is never read: its token is the learned null
+    junk = dict(batch, boxes=batch["boxes"].clone())
+    junk["boxes"][:, 2] = torch.tensor([0.9, 0.9, 0.1, 0.1])
+    assert torch.allclose(model(x, t, **junk), v, atol=1e-6)
+
+
+def test_dropped_condition_ignores_caption_and_layout():
+    torch.manual_seed(0)
+    model = perturb_zero_inits(EchoGen(TINY)).eval()
+    a, b = random_batch(seed=0), random_batch(seed=1)
+    drop = torch.ones(2, dtype=torch.bool)
+    x, t = torch.randn(2, 3, 16, 16), torch.full((2,), 0.3)
+    outs = []
+    for batch in (a, b):
+        caption_ids, instance_mask = EchoGen.drop_conditions(batch["caption_ids"], batch["instance_mask"], drop)
+        outs.append(model(x, t, caption_ids, batch["phrase_ids"], batch["boxes"], instance_mask))
+    assert torch.allclose(outs[0], outs[1], atol=1e-6)
+    assert torch.isfinite(outs[0]).all()
+
+
+def test_fourier_box_embedding_layout():
+    boxes = torch.tensor([[[0.25, 0.5, 0.75, 1.0]]])
+    emb = fourier_box_embedding(boxes, 8)
+    assert emb.shape == (1, 1, 64)
+    # coordinate 0, frequency 0: sin(pi * 0.25)
+    assert emb[0, 0, 0].item() == pytest.approx(math.sin(math.pi * 0.25), abs=1e-6)
+
+
+def test_flow_loss_of_the_exact_velocity_is_zero():
+    """With the model replaced by the true v = eps - x0, the loss is exactly 0; with v = 0 it is E|eps - x0|^2."""
+    x0, noise, t = torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8), torch.rand(4)
+
+    class Oracle(torch.nn.Module):
+        def forward(self, x_t, t_, *args):
+            return noise - x0
+
+    assert rectified_flow_loss(Oracle(), x0, t, noise, None, None, None, None).item() == 0.0
+
+
+def test_timestep_schedule_ends_and_shift():
+    s = sampler.timestep_schedule(10, 1.0)
+    assert s[0] == 1.0 and s[-1] == 0.0 and torch.all(s[1:] < s[:-1])
+    shifted = sampler.timestep_schedule(10, 3.0)
+    assert shifted[0] == 1.0 and shifted[-1] == 0.0 and torch.all(shifted[1:-1] > s[1:-1])
+
+
+def test_euler_sampler_transports_noise_to_a_point_mass():
+    """For data x0 = m (a point mass), the exact velocity is v = (x_t - m) / t; Euler integration is
+    then exact and lands on m from any noise, for any step count and guidance scale."""
+    m = torch.full((1, 3, 4, 4), 0.25)
+
+    class PointMass(torch.nn.Module):
+        config = TINY
+
+        def encode_conditions(self, caption_ids, phrase_ids, boxes, instance_mask):
+            return {"pooled": torch.zeros(caption_ids.shape[0], 1)}
+
+        def velocity(self, x, t, cond):
+            return (x - m) / t.view(-1, 1, 1, 1)
+
+        drop_conditions = staticmethod(EchoGen.drop_conditions)
+
+    batch = random_batch(B=1)
+    for steps, cfg in ((1, 1.0), (7, 3.0)):
+        x0 = sampler.sample(PointMass(), batch, torch.randn(1, 3, 4, 4), steps=steps, cfg=cfg, shift=2.0)
+        assert torch.allclose(x0, m, atol=1e-5)
