@@ -18,7 +18,6 @@ import math
 import multiprocessing
 import os
 import re
-import sys
 import time
 import zlib
 
@@ -26,6 +25,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+
+from runtime import fail
 
 # -----------------------------------------------------------------------------
 # the world (WORLD.md)
@@ -409,8 +410,11 @@ def _read_scene(i, scene, tokenizer, max_instances):
 
 def read_layouts(path, tokenizer, max_instances):
     """The scenes of a layout file, every field validated before anything is returned."""
-    with open(path) as f:
-        text = f.read()
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError as e:
+        raise LayoutError(f"{path}: cannot read the layout file ({e.strerror})") from None
     try:
         document = json.loads(text)
     except json.JSONDecodeError as e:
@@ -641,6 +645,10 @@ def draw_boxes(image, scene, scale=4):
     return np.asarray(picture)
 
 
+def save_png(path, image):
+    _write_atomically(path, lambda f: Image.fromarray(image).save(f, format="PNG"))
+
+
 def save_grid(path, rows, pad=2):
     cell_h = max(im.shape[0] for row in rows for im in row)
     cell_w = max(im.shape[1] for row in rows for im in row)
@@ -650,7 +658,7 @@ def save_grid(path, rows, pad=2):
         for j, im in enumerate(row):
             top, left = pad + i * (cell_h + pad), pad + j * (cell_w + pad)
             grid[top:top + im.shape[0], left:left + im.shape[1]] = im
-    _write_atomically(path, lambda f: Image.fromarray(grid).save(f, format="PNG"))
+    save_png(path, grid)
 
 # -----------------------------------------------------------------------------
 # command line
@@ -665,7 +673,7 @@ def cmd_render(args):
     images = [render_scene(s, args.res) for s in scenes]  # all of them first: nothing written on error
     os.makedirs(args.out, exist_ok=True)
     for scene, image in zip(scenes, images):
-        Image.fromarray(image).save(os.path.join(args.out, f"{scene['id']}.png"))
+        save_png(os.path.join(args.out, f"{scene['id']}.png"), image)
 
 
 def cmd_check(args):
@@ -687,11 +695,6 @@ def cmd_prepare(args):
     path = cache_path(args.res, args.n, args.seed)
     prepare_cache(path, args.n, args.res, args.seed)
     print(f"wrote {path} in {time.time() - t0:.1f} s")
-
-
-def fail(message):
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
 
 
 class Parser(argparse.ArgumentParser):

@@ -198,7 +198,8 @@ def save_checkpoint(path, model, ema, optimizer, tokenizer, train_config, step):
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(tmp, "model.safetensors"))
     save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, os.path.join(tmp, "ema.safetensors"))
     with open(os.path.join(tmp, "config.json"), "w") as f:
-        json.dump({"model": asdict(model.config), "train": train_config, "step": step}, f, indent=1)
+        json.dump({"kind": type(model).__name__, "model": asdict(model.config), "train": train_config, "step": step},
+                  f, indent=1)
     tokenizer.save(os.path.join(tmp, "tokenizer.json"))
     torch.save({"optimizer": optimizer.state_dict(), "step": step}, os.path.join(tmp, "train_state.pt"))
     if os.path.exists(path):
@@ -213,10 +214,7 @@ def read_checkpoint_config(path):
         fail(f"checkpoint '{path}': no config.json there (not an EchoGen checkpoint folder)")
     with open(config_file) as f:
         saved = json.load(f)
-    known = {f.name for f in fields(ModelConfig)}
-    unknown = sorted(set(saved["model"]) - known)
-    if unknown:
-        fail(f"checkpoint '{path}': model config has unknown field '{unknown[0]}'")
+    saved.setdefault("kind", "EchoGen")
     return saved
 
 
@@ -243,6 +241,11 @@ def load_train_state(path, model, ema, optimizer):
 def load_model(path, which="ema", device="cpu"):
     """A model ready for inference from a checkpoint folder: (model, tokenizer, saved config)."""
     saved = read_checkpoint_config(path)
+    if saved["kind"] != "EchoGen":
+        fail(f"checkpoint '{path}': holds a {saved['kind']}, not an EchoGen model")
+    unknown = sorted(set(saved["model"]) - {f.name for f in fields(ModelConfig)})
+    if unknown:
+        fail(f"checkpoint '{path}': model config has unknown field '{unknown[0]}' (made by another version?)")
     model = EchoGen(ModelConfig(**saved["model"]))
     model.load_state_dict(load_weights(path, which))
     tokenizer = Tokenizer.from_file(os.path.join(path, "tokenizer.json"))

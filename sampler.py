@@ -100,14 +100,6 @@ def generate_and_check(model, scenes, tokenizer, steps, cfg, shift, seed=0, grid
     return metrics
 
 
-def write_png(path, image):
-    """Write under a temporary name, then rename: a reader never sees half a file."""
-    from PIL import Image
-    tmp = path + ".tmp.png"
-    Image.fromarray(image).save(tmp)
-    os.replace(tmp, path)
-
-
 def main():
     parser = argparse.ArgumentParser(description="Sample images for a layout file from an EchoGen checkpoint.")
     parser.add_argument("--ckpt", required=True, help="checkpoint folder (uses its EMA weights and tokenizer)")
@@ -132,7 +124,7 @@ def main():
     images = generate(model, scenes, tokenizer, args.steps, args.cfg, args.shift, args.seed, args.batch_size)
     os.makedirs(args.out, exist_ok=True)
     for scene, image in zip(scenes, images):
-        write_png(os.path.join(args.out, f"{scene['id']}.png"), image)
+        data.save_png(os.path.join(args.out, f"{scene['id']}.png"), image)
     print(f"wrote {len(images)} images of {model.config.res}x{model.config.res} to {args.out}")
 
 
