@@ -1,6 +1,6 @@
 """
-Throughput of EchoGen at a given config: the training step (images/s, the share of step time
-spent waiting for data, model FLOP utilization) and the sampler (images/s). MFU is measured
+Throughput of EchoGen at a given config: the PMTP training step of train_pretrain.py (images/s,
+the share of step time spent waiting for data, model FLOP utilization) and the sampler (images/s). MFU is measured
 against the device's peak as measured here with a large matrix product (float32 on the CPU,
 bf16 on CUDA), not against a datasheet, so the figure is honest on any machine.
 
@@ -21,7 +21,8 @@ from torch.utils.flop_counter import FlopCounterMode
 import data
 import runtime
 import sampler
-from model import EchoGen, ModelConfig, rectified_flow_loss, sample_timesteps
+import detector
+from model import EchoGen, ModelConfig, pmtp_loss, sample_pmtp_draws
 
 # -----------------------------------------------------------------------------
 # config: the model and data keys of train_pretrain.py with its defaults; its config files work here
@@ -35,6 +36,8 @@ depth = 4
 heads = 4
 text_depth = 2
 max_instances = 8
+ground_every = 4  # PMTP as in train_pretrain.py; 0 = the generation-only step
+ground_depth = 2
 batch_size = 32
 lr = 1e-3
 device = "auto"
@@ -70,12 +73,10 @@ def measured_peak_flops(dev):
     return 2 * n ** 3 * reps / (time.perf_counter() - tic)
 
 
-def training_flops_per_step(model, batch, t, noise):
+def training_flops_per_step(step_loss):
     """FLOPs of one forward + backward, counted by torch's FlopCounterMode (matmuls and attention)."""
     with FlopCounterMode(display=False) as counter:
-        rectified_flow_loss(model, batch["images"], t, noise, batch["caption_ids"], batch["phrase_ids"],
-                            batch["boxes"], batch["instance_mask"]).backward()
-    model.zero_grad(set_to_none=True)
+        step_loss(0).backward()
     return counter.get_total_flops()
 
 
@@ -86,17 +87,26 @@ def main():
     cache = data.load_or_prepare_cache(res, cache_scenes, 0, data_dir=data_dir, max_instances=max_instances)
     config = ModelConfig(res=res, patch=patch, dim=dim, depth=depth, heads=heads, text_depth=text_depth,
                          vocab_size=tokenizer.get_vocab_size(), max_instances=max_instances,
-                         max_caption_len=data.MAX_CAPTION_LEN, max_phrase_len=data.MAX_PHRASE_LEN)
+                         max_caption_len=data.MAX_CAPTION_LEN, max_phrase_len=data.MAX_PHRASE_LEN,
+                         grounding=ground_every > 0, ground_depth=ground_depth)
     model = EchoGen(config).to(dev)
+    criterion = detector.GroundingCriterion() if ground_every else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, fused=dev.type == "cuda")
     g = torch.Generator().manual_seed(0)
 
-    def next_batch(step):
+    def fetch(step):
         indices = runtime.global_batch_indices(step, batch_size, len(cache), 0)
-        batch = {k: v.to(dev, non_blocking=True) for k, v in cache.batch(indices).items()}
-        return batch, sample_timesteps(batch_size, g).to(dev), torch.randn(batch_size, 3, res, res, device=dev)
+        return {k: v.to(dev, non_blocking=True) for k, v in cache.batch(indices).items()}
 
-    flops = training_flops_per_step(model, *next_batch(0))
+    def step_loss(step, batch=None):
+        batch = batch if batch is not None else fetch(step)
+        task, t, drop = (x.to(dev) for x in sample_pmtp_draws(batch_size, ground_every, 0.5, 0.5, 0.1, g))
+        noise = torch.randn(batch_size, 3, res, res, device=dev)
+        with runtime.autocast(dev):
+            return pmtp_loss(model, criterion, batch, task, t, noise, drop, 1.0)[0]
+
+    flops = training_flops_per_step(step_loss)
+    model.zero_grad(set_to_none=True)
     if compile:
         model.compile_blocks()
 
@@ -104,13 +114,10 @@ def main():
     for step in range(warmup_bench + steps):
         synchronize(dev)
         tic = time.perf_counter()
-        batch, t, noise = next_batch(step)
+        batch = fetch(step)
         synchronize(dev)
         fetched = time.perf_counter()
-        with runtime.autocast(dev):
-            loss = rectified_flow_loss(model, batch["images"], t, noise, batch["caption_ids"], batch["phrase_ids"],
-                                       batch["boxes"], batch["instance_mask"])
-        loss.backward()
+        step_loss(step, batch).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         synchronize(dev)
@@ -132,6 +139,7 @@ def main():
     print(json.dumps({
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu x {torch.get_num_threads()} threads",
         "res": res, "params_M": round(model.num_params() / 1e6, 2), "batch_size": batch_size, "compile": compile,
+        "ground_every": ground_every,
         "train_steps_per_s": round(steps / step_seconds, 3),
         "train_images_per_s": round(steps * batch_size / step_seconds, 1),
         "data_wait_share": round(data_seconds / step_seconds, 4),

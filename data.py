@@ -26,7 +26,7 @@ import torch
 from PIL import Image, ImageDraw
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 
-from runtime import fail
+import runtime
 
 # -----------------------------------------------------------------------------
 # the world (WORLD.md)
@@ -699,7 +699,7 @@ def cmd_prepare(args):
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, like every other input error (subcommand parsers inherit it)
-        fail(message)
+        runtime.fail(message)
 
 
 def positive_int(text):
@@ -731,7 +731,7 @@ def main(argv=None):
     try:
         {"sample": cmd_sample, "render": cmd_render, "check": cmd_check, "prepare": cmd_prepare}[args.command](args)
     except (ValueError, OSError) as e:  # LayoutError is a ValueError
-        fail(e)
+        runtime.fail(e)
 
 
 if __name__ == "__main__":

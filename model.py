@@ -20,6 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import detector  # the grounding head; a module import, since detector.py imports model.py too
+
 # -----------------------------------------------------------------------------
 # small pieces
 
@@ -123,18 +125,25 @@ class TextEncoder(nn.Module):
 
 class LayoutEmbedding(nn.Module):
     """One token per instance (CreatiLayout): MLP([Fourier(box), pooled phrase]); a learned null
-    token fills empty slots (and every slot when the condition is dropped for CFG)."""
+    token fills empty slots (and every slot when the condition is dropped for CFG). The same MLP
+    makes the grounding queries, with a learned "box unknown" vector in place of the Fourier part:
+    the layout token of an instance whose box is what we ask for."""
 
     def __init__(self, dim, n_freqs):
         super().__init__()
         self.n_freqs = n_freqs
         self.mlp = nn.Sequential(nn.Linear(8 * n_freqs + dim, dim), nn.SiLU(), nn.Linear(dim, dim))
         self.null = nn.Parameter(torch.zeros(dim))
+        self.box_unknown = nn.Parameter(torch.zeros(8 * n_freqs))
         nn.init.normal_(self.null, std=0.02)
+        nn.init.normal_(self.box_unknown, std=0.5)  # on the scale of the sin/cos features it replaces
 
     def forward(self, phrase_pooled, boxes, instance_mask):
-        # phrase_pooled: (B, N, D), boxes: (B, N, 4) xyxy in [0, 1], instance_mask: (B, N) bool
-        box_features = fourier_box_embedding(boxes, self.n_freqs).to(phrase_pooled.dtype)
+        """phrase_pooled (B, N, D), boxes (B, N, 4) xyxy in [0, 1] or None (unknown), instance_mask (B, N)."""
+        if boxes is None:
+            box_features = self.box_unknown.to(phrase_pooled.dtype).expand(*phrase_pooled.shape[:2], -1)
+        else:
+            box_features = fourier_box_embedding(boxes, self.n_freqs).to(phrase_pooled.dtype)
         tokens = self.mlp(torch.cat([box_features, phrase_pooled], dim=-1))
         return torch.where(instance_mask.unsqueeze(-1), tokens, self.null.to(tokens.dtype))
 
@@ -219,6 +228,28 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm(x), shift, scale))
 
 
+def task_attention_mask(caption_mask, instance_mask, task, n_queries, n_image):
+    """The task-aware mask of the packed sequence [caption | layout | queries | image] (DESIGN.md,
+    "Shared tokens"), True = may attend. Rows of task 0 (generation) are denoised from the layout;
+    rows of task 1 (grounding) hide the layout tokens from every token, so that nothing in the row
+    can copy the boxes it is asked for, and their queries read the caption, the image and each
+    other. No token but a query ever reads a query.
+    caption_mask (B, Lc), instance_mask (B, N), task (B,) -> (B, 1, L, L)."""
+    B, N = instance_mask.shape
+    grounding = (task == 1)[:, None]  # (B, 1)
+    layout_visible = (~grounding).expand(B, N)
+    queries_visible = instance_mask & grounding
+    ones = lambda n: torch.ones(B, n, dtype=torch.bool, device=task.device)
+    zeros = lambda n: torch.zeros(B, n, dtype=torch.bool, device=task.device)
+    keys_of_others = torch.cat([caption_mask, layout_visible, zeros(n_queries), ones(n_image)], dim=1)  # (B, L)
+    keys_of_queries = torch.cat([caption_mask, zeros(N), queries_visible, ones(n_image)], dim=1)  # (B, L)
+    n_before = caption_mask.shape[1] + N
+    rows = [keys_of_others[:, None].expand(-1, n_before, -1),
+            keys_of_queries[:, None].expand(-1, n_queries, -1),
+            keys_of_others[:, None].expand(-1, n_image, -1)]
+    return torch.cat(rows, dim=1)[:, None]  # (B, 1, L, L)
+
+
 # -----------------------------------------------------------------------------
 # the model
 
@@ -238,6 +269,8 @@ class ModelConfig:
     max_instances: int = 8
     text_depth: int = 2
     fourier_freqs: int = 8
+    grounding: bool = True  # the grounding head and the task embedding; False = the generation-only model
+    ground_depth: int = 2  # decoder layers of the grounding head
 
 
 class EchoGen(nn.Module):
@@ -255,9 +288,14 @@ class EchoGen(nn.Module):
         self.register_buffer("pos_embed", sincos_pos_embed_2d(self.grid, D)[None], persistent=False)
         self.t_embed = nn.Sequential(nn.Linear(256, D), nn.SiLU(), nn.Linear(D, D))
         self.caption_embed = nn.Sequential(nn.Linear(D, D), nn.SiLU(), nn.Linear(D, D))
-        self.blocks = nn.ModuleList(MMDiTBlock(D, config.heads, config.mlp_ratio, cond_pre_only=i == config.depth - 1)
-                                    for i in range(config.depth))
+        # without grounding nothing reads the condition stream after the last block (see MMDiTBlock)
+        self.blocks = nn.ModuleList(
+            MMDiTBlock(D, config.heads, config.mlp_ratio, cond_pre_only=i == config.depth - 1 and not config.grounding)
+            for i in range(config.depth))
         self.final = FinalLayer(D, config.patch, config.channels)
+        if config.grounding:
+            self.task_embed = nn.Embedding(2, D)  # 0 = generation, 1 = grounding
+            self.grounding_head = detector.GroundingHead(D, config.ground_depth, config.heads, config.max_instances)
         self._init_weights()
 
     def _init_weights(self):
@@ -289,9 +327,10 @@ class EchoGen(nn.Module):
 
     # --- conditions: computed once per sample, reused at every sampling step
 
-    def encode_conditions(self, caption_ids, phrase_ids, boxes, instance_mask):
-        """caption_ids (B, Lc), phrase_ids (B, N, Lp), boxes (B, N, 4), instance_mask (B, N)
-        -> dict with the condition stream (B, Lc + N, D), its key mask and the pooled caption."""
+    def encode_conditions(self, caption_ids, phrase_ids, boxes, instance_mask, task=None):
+        """caption_ids (B, Lc), phrase_ids (B, N, Lp), boxes (B, N, 4), instance_mask (B, N); task (B,)
+        0 / 1 per row packs grounding queries into the sequence (None: generation only, no queries).
+        -> dict: condition tokens (B, Lc + N [+ N], D), pooled caption (B, D), and what the mask needs."""
         B, N, _ = phrase_ids.shape
         caption_tokens, caption_mask, caption_pooled = self.text(trim_padding(caption_ids))
         # only the phrases of real instances go through the text encoder: most slots are empty
@@ -299,11 +338,11 @@ class EchoGen(nn.Module):
         if instance_mask.any():
             _, _, pooled = self.text(trim_padding(phrase_ids[instance_mask]))  # (n_instances, D)
             phrase_pooled[instance_mask] = pooled
-        layout_tokens = self.layout(phrase_pooled, boxes, instance_mask)
-        layout_mask = torch.ones(B, N, dtype=torch.bool, device=boxes.device)  # null tokens are attended too
-        return {"tokens": torch.cat([caption_tokens, layout_tokens], dim=1),
-                "key_mask": torch.cat([caption_mask, layout_mask], dim=1),
-                "pooled": caption_pooled}
+        tokens = [caption_tokens, self.layout(phrase_pooled, boxes, instance_mask)]
+        if task is not None:
+            tokens.append(self.layout(phrase_pooled, None, instance_mask))  # the grounding queries
+        return {"tokens": torch.cat(tokens, dim=1), "pooled": caption_pooled, "caption_mask": caption_mask,
+                "instance_mask": instance_mask, "task": task}
 
     @staticmethod
     def drop_conditions(caption_ids, instance_mask, drop):
@@ -313,40 +352,115 @@ class EchoGen(nn.Module):
         instance_mask = instance_mask & ~drop[:, None]
         return caption_ids, instance_mask
 
-    # --- the denoiser
+    # --- the transformer
 
-    def velocity(self, x_t, t, cond):
-        """x_t (B, C, R, R), t (B,) in [0, 1], cond from encode_conditions -> v (B, C, R, R)."""
-        B, C, R, _ = x_t.shape
-        p, g = self.config.patch, self.grid
-        image_tokens = self.patch_embed(x_t).flatten(2).transpose(1, 2) + self.pos_embed  # (B, g*g, D)
+    def run_blocks(self, x_t, t, cond):
+        """x_t (B, C, R, R), t (B,) in [0, 1] -> image tokens (B, P, D), query tokens (B, N, D) or None, c (B, D)."""
+        B, P = x_t.shape[0], self.grid ** 2
+        image_tokens = self.patch_embed(x_t).flatten(2).transpose(1, 2) + self.pos_embed  # (B, P, D)
         c = self.t_embed(timestep_embedding(t, 256).to(x_t.dtype)) + self.caption_embed(cond["pooled"])
+        task = cond["task"]
+        if self.config.grounding:
+            c = c + self.task_embed(task if task is not None else torch.zeros_like(t, dtype=torch.long))
+        N = cond["instance_mask"].shape[1]
+        if task is None:  # generation only: every condition key except caption padding is visible
+            keys = torch.ones(B, N + P, dtype=torch.bool, device=x_t.device)
+            attn_mask = torch.cat([cond["caption_mask"], keys], dim=1)[:, None, None, :]  # (B, 1, 1, L)
+        else:
+            attn_mask = task_attention_mask(cond["caption_mask"], cond["instance_mask"], task, N, P)
         cond_tokens = cond["tokens"]
-        image_keys = torch.ones(B, image_tokens.shape[1], dtype=torch.bool, device=x_t.device)
-        attn_mask = torch.cat([cond["key_mask"], image_keys], dim=1)[:, None, None, :]  # (B, 1, 1, L)
         for block in self.blocks:
             cond_tokens, image_tokens = block(cond_tokens, image_tokens, c, attn_mask)
-        patches = self.final(image_tokens, c)  # (B, g*g, p*p*C)
-        patches = patches.view(B, g, g, p, p, C).permute(0, 5, 1, 3, 2, 4)  # (B, C, g, p, g, p)
-        return patches.reshape(B, C, R, R)
+        queries = cond_tokens[:, -N:] if task is not None else None
+        return image_tokens, queries, c
 
-    def forward(self, x_t, t, caption_ids, phrase_ids, boxes, instance_mask):
-        cond = self.encode_conditions(caption_ids, phrase_ids, boxes, instance_mask)
-        return self.velocity(x_t, t, cond)
+    def unpatchify(self, patches):
+        """(B, g*g, p*p*C) -> (B, C, R, R)"""
+        B, (g, p, C) = patches.shape[0], (self.grid, self.config.patch, self.config.channels)
+        patches = patches.view(B, g, g, p, p, C).permute(0, 5, 1, 3, 2, 4)  # (B, C, g, p, g, p)
+        return patches.reshape(B, C, g * p, g * p)
+
+    def velocity(self, x_t, t, cond):
+        """The generation path alone (the sampler's): v (B, C, R, R)."""
+        image_tokens, _, c = self.run_blocks(x_t, t, cond)
+        return self.unpatchify(self.final(image_tokens, c))
+
+    def forward(self, x_t, t, caption_ids, phrase_ids, boxes, instance_mask, task=None):
+        """Both tasks in one pass (PMTP). task None: -> v. task (B,) of 0 / 1: -> (v, grounding), where
+        grounding is the head's {"boxes": (L, B, N, 4) cxcywh, "logits": (L, B, N)} for every row
+        (only rows of task 1 mean anything)."""
+        cond = self.encode_conditions(caption_ids, phrase_ids, boxes, instance_mask, task)
+        image_tokens, queries, c = self.run_blocks(x_t, t, cond)
+        v = self.unpatchify(self.final(image_tokens, c))
+        if task is None:
+            return v
+        return v, self.grounding_head(image_tokens, queries, instance_mask)
+
+    def ground(self, images, caption_ids, phrase_ids, instance_mask):
+        """Grounding of clean images (t = 0): images (B, C, R, R) in [-1, 1] -> the head's outputs."""
+        B = images.shape[0]
+        task = torch.ones(B, dtype=torch.long, device=images.device)
+        cond = self.encode_conditions(caption_ids, phrase_ids, None, instance_mask, task)
+        image_tokens, queries, _ = self.run_blocks(images, torch.zeros(B, device=images.device), cond)
+        return self.grounding_head(image_tokens, queries, instance_mask)
 
 
 # -----------------------------------------------------------------------------
 # the generation objective
 
 
-def sample_timesteps(n, generator, device="cpu"):
+def sample_timesteps(n, generator):
     """Logit-normal t (SD3): t = sigmoid(u), u ~ N(0, 1); puts most samples at mid noise."""
-    return torch.sigmoid(torch.randn(n, generator=generator)).to(device)
+    return torch.sigmoid(torch.randn(n, generator=generator))
 
 
-def rectified_flow_loss(model, x0, t, noise, caption_ids, phrase_ids, boxes, instance_mask):
-    """x_t = (1 - t) x0 + t eps, target v = eps - x0, mean squared error (DESIGN.md)."""
+def interpolate(x0, noise, t):
+    """x_t = (1 - t) x0 + t eps: the straight path of rectified flow."""
     t_ = t.view(-1, 1, 1, 1)
-    x_t = (1 - t_) * x0 + t_ * noise
-    v = model(x_t, t, caption_ids, phrase_ids, boxes, instance_mask)
-    return F.mse_loss(v.float(), (noise - x0).float())
+    return (1 - t_) * x0 + t_ * noise
+
+
+def flow_loss(v, x0, noise, row_weight=None):
+    """MSE to the velocity target eps - x0 (DESIGN.md), each row weighted by row_weight (B,) if given.
+    The mean runs over all B rows, not over the weights' sum, so that a batch split across ranks
+    averages to the same loss as the whole batch on one rank."""
+    per_row = (v.float() - (noise - x0).float()).pow(2).flatten(1).mean(1)  # (B,)
+    return per_row.mean() if row_weight is None else (per_row * row_weight).mean()
+
+
+# -----------------------------------------------------------------------------
+# stage 1, PMTP: both tasks in every batch (used by train_pretrain.py, and kept on in train_joint.py)
+
+
+def sample_pmtp_draws(n, ground_every, ground_clean, ground_t_max, cond_drop, generator):
+    """The random draws of n samples: task (n,) 0 / 1, t (n,), CFG drop (n,) bool.
+    Every ground_every-th sample grounds (by position, so any split of the batch keeps the roles);
+    a share ground_clean of those read the clean image (t = 0), the rest t ~ U[0, ground_t_max],
+    since grounding from x_t only makes sense at low noise. Generation samples: logit-normal t."""
+    task = torch.zeros(n, dtype=torch.long)
+    if ground_every:
+        task[ground_every - 1::ground_every] = 1
+    t_generation = sample_timesteps(n, generator)
+    clean = torch.rand(n, generator=generator) < ground_clean
+    t_grounding = torch.where(clean, 0.0, torch.rand(n, generator=generator) * ground_t_max)
+    drop = torch.rand(n, generator=generator) < cond_drop
+    return task, torch.where(task == 1, t_grounding, t_generation), drop
+
+
+def pmtp_loss(model, criterion, batch, task, t, noise, drop, ground_weight):
+    """The summed stage-1 loss of a batch and its parts for the log. criterion None: generation only.
+    A dropped generation sample loses caption and layout together (CFG); a grounding sample only its
+    caption (its layout tokens are hidden anyway). Clean grounding samples (t = 0) carry no flow loss."""
+    x0 = batch["images"]
+    caption_ids, _ = EchoGen.drop_conditions(batch["caption_ids"], batch["instance_mask"], drop)
+    instance_mask = batch["instance_mask"] & ~(drop & (task == 0))[:, None]
+    x_t = interpolate(x0, noise, t)
+    if criterion is None:
+        generation = flow_loss(model(x_t, t, caption_ids, batch["phrase_ids"], batch["boxes"], instance_mask), x0, noise)
+        return generation, {"flow": generation.item()}
+    v, grounding = model(x_t, t, caption_ids, batch["phrase_ids"], batch["boxes"], instance_mask, task)
+    generation = flow_loss(v, x0, noise, row_weight=((task == 0) | (t > 0)).float())
+    ground = criterion(grounding, batch["boxes"], batch["phrase_ids"], instance_mask & (task == 1)[:, None])
+    parts = {"flow": generation.item(), "ground": ground["loss"].item(),
+             **{f"ground_{k}": ground[k].item() for k in ("l1", "giou", "conf")}}
+    return generation + ground_weight * ground["loss"], parts

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
-from model import EchoGen, ModelConfig
+import model as mmdit  # a module import: model -> detector -> data -> runtime is a cycle, resolved at call time
 
 
 def fail(message):
@@ -243,10 +243,10 @@ def load_model(path, which="ema", device="cpu"):
     saved = read_checkpoint_config(path)
     if saved["kind"] != "EchoGen":
         fail(f"checkpoint '{path}': holds a {saved['kind']}, not an EchoGen model")
-    unknown = sorted(set(saved["model"]) - {f.name for f in fields(ModelConfig)})
+    unknown = sorted(set(saved["model"]) - {f.name for f in fields(mmdit.ModelConfig)})
     if unknown:
         fail(f"checkpoint '{path}': model config has unknown field '{unknown[0]}' (made by another version?)")
-    model = EchoGen(ModelConfig(**saved["model"]))
+    model = mmdit.EchoGen(mmdit.ModelConfig(**saved["model"]))
     model.load_state_dict(load_weights(path, which))
     tokenizer = Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
     return model.to(device).eval(), tokenizer, saved

@@ -1,7 +1,16 @@
 """
-Stage 1 of EchoGen: pre-training the layout-to-image generator with rectified flow
-(DESIGN.md, "Generation objective"): x_t = (1 - t) x0 + t eps, the model predicts v = eps - x0,
-t from a logit-normal, caption and layout dropped together with p = cond_drop for CFG.
+Stage 1 of EchoGen, PMTP (parallel multi-task pre-training, DESIGN.md "The three stages"): every
+batch holds generation samples and grounding samples, packed into one forward pass over the
+shared tokens with a task-aware attention mask (model.task_attention_mask), and the two losses
+are summed with a weight.
+- generation: rectified flow, x_t = (1 - t) x0 + t eps, the model predicts v = eps - x0, t from a
+  logit-normal, caption and layout dropped together with p = cond_drop for CFG;
+- grounding: every ground_every-th sample of the global batch; its layout tokens are hidden and
+  its queries (phrase + "box unknown") must find the boxes in the image, either clean (t = 0, a
+  share ground_clean of them) or at low noise (t ~ U[0, ground_t_max]: grounding from x_t only
+  makes sense there); DETR-style loss (detector.GroundingCriterion). Noisy grounding samples
+  still train the flow, conditioned on the caption alone; clean ones (t = 0) do not.
+--ground_every=0 trains the generation-only model (no grounding head), the baseline of PMTP.
 
 One process (the tiny config: R = 32, CPU is fine):
     python train_pretrain.py
@@ -25,9 +34,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
+import detector
 import runtime
 import sampler
-from model import EchoGen, ModelConfig, rectified_flow_loss, sample_timesteps
+from model import EchoGen, ModelConfig, pmtp_loss, sample_pmtp_draws
 
 # -----------------------------------------------------------------------------
 # config: the tiny CPU config; config/gpu.py overrides it for R = 64
@@ -66,6 +76,12 @@ max_steps = 2000
 lr_decay_steps = 2000  # where cosine reaches min_lr; kept apart from max_steps so a run can stop early and resume
 # generation objective
 cond_drop = 0.1
+# grounding objective (PMTP)
+ground_every = 4  # every 4th sample of the global batch is a grounding sample; 0 = generation only
+ground_weight = 0.1  # total loss = flow + ground_weight * grounding (the DETR terms sum to ~10x the flow MSE)
+ground_clean = 0.5  # share of grounding samples on the clean image, t = 0
+ground_t_max = 0.5  # the others at t ~ U[0, ground_t_max]
+ground_depth = 2  # decoder layers of the grounding head
 ema_decay = 0.999
 # sampling for the validation figures
 sample_steps = 25
@@ -85,6 +101,9 @@ dist_ctx = runtime.Dist(device)
 dev = dist_ctx.device
 if init_from not in ("scratch", "resume"):
     runtime.fail(f"init_from must be 'scratch' or 'resume', got {init_from!r}")
+if ground_every and batch_size % ground_every:
+    runtime.fail(f"batch_size {batch_size} must be a multiple of ground_every {ground_every}, "
+                 "so that every micro-batch holds both tasks")
 global_batch = batch_size * grad_accum * dist_ctx.world
 ckpt_path = os.path.join(out_dir, "ckpt")
 torch.manual_seed(seed)  # same initial weights on every rank
@@ -96,12 +115,15 @@ if dist_ctx.master:
 dist_ctx.barrier()
 cache = data.load_or_prepare_cache(res, cache_scenes, data_seed, data_dir=data_dir, max_instances=max_instances)
 val_set = data.make_scene_set("val", val_scenes, seed=0)
+val_renders = [data.render_scene(scene, res) for scene in val_set]
 
 # model, EMA, optimizer
 model_config = ModelConfig(res=res, patch=patch, dim=dim, depth=depth, heads=heads, text_depth=text_depth,
                            vocab_size=tokenizer.get_vocab_size(), max_instances=max_instances,
-                           max_caption_len=data.MAX_CAPTION_LEN, max_phrase_len=data.MAX_PHRASE_LEN)
+                           max_caption_len=data.MAX_CAPTION_LEN, max_phrase_len=data.MAX_PHRASE_LEN,
+                           grounding=ground_every > 0, ground_depth=ground_depth)
 model = EchoGen(model_config).to(dev)
+criterion = detector.GroundingCriterion() if ground_every else None
 ema = copy.deepcopy(model).eval().requires_grad_(False)
 optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(beta1, beta2), weight_decay=weight_decay,
                               fused=dev.type == "cuda")
@@ -121,50 +143,56 @@ log = runtime.JsonlLog(os.path.join(out_dir, "log.jsonl"), dist_ctx.master)
 
 
 def draw_step_randomness(step):
-    """t, noise and the CFG drop mask of every sample of the global batch, from (seed, step) alone."""
-    g = runtime.step_generator(seed, step, "cpu")
-    t = sample_timesteps(global_batch, g)
-    drop = torch.rand(global_batch, generator=g) < cond_drop
+    """Task, t, CFG drop and noise of every sample of the global batch, from (seed, step) alone."""
+    task, t, drop = sample_pmtp_draws(global_batch, ground_every, ground_clean, ground_t_max, cond_drop,
+                                      runtime.step_generator(seed, step, "cpu"))
     noise = torch.randn((global_batch, 3, res, res), generator=runtime.step_generator(seed, step, dev), device=dev)
-    return t.to(dev), noise, drop.to(dev)
+    return task.to(dev), t.to(dev), noise, drop.to(dev)
 
 
 def train_step(step):
-    """One optimizer step over this rank's share of the global batch; returns the mean loss and the seconds spent waiting for data."""
+    """One optimizer step over this rank's share of the global batch; returns the mean loss, its
+    parts and the seconds spent waiting for data."""
     indices = runtime.global_batch_indices(step, global_batch, len(cache), data_seed)
-    t, noise, drop = draw_step_randomness(step)
     mine = runtime.rank_slice(global_batch, dist_ctx)
-    indices, t, noise, drop = indices[mine], t[mine], noise[mine], drop[mine]
-    total_loss, data_seconds = 0.0, 0.0
+    indices, *draws = (x[mine] for x in (indices, *draw_step_randomness(step)))
+    total_loss, parts, data_seconds = 0.0, {}, 0.0
     for micro in range(grad_accum):
         part = slice(micro * batch_size, (micro + 1) * batch_size)
         tic = time.perf_counter()
         batch = {k: v.to(dev, non_blocking=True) for k, v in cache.batch(indices[part]).items()}
         data_seconds += time.perf_counter() - tic
-        caption_ids, instance_mask = EchoGen.drop_conditions(batch["caption_ids"], batch["instance_mask"], drop[part])
         # gradients are all-reduced only on the last micro-step (nanoGPT)
         if dist_ctx.ddp:
             train_model.require_backward_grad_sync = micro == grad_accum - 1
         with runtime.autocast(dev):
-            loss = rectified_flow_loss(train_model, batch["images"], t[part], noise[part], caption_ids,
-                                       batch["phrase_ids"], batch["boxes"], instance_mask)
+            loss, micro_parts = pmtp_loss(train_model, criterion, batch, *(x[part] for x in draws), ground_weight)
         (loss / grad_accum).backward()
         total_loss += loss.item() / grad_accum
+        for k, v in micro_parts.items():
+            parts[k] = parts.get(k, 0.0) + v / grad_accum
     if grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return total_loss, data_seconds
+    return total_loss, parts, data_seconds
 
 
 def evaluate(step):
-    """The EMA model's checker figures on the fixed validation set, and a sample grid (rank 0)."""
+    """The EMA model on the fixed validation set (rank 0): the checker's figures of its images and a
+    sample grid; with PMTP also its grounding of the true renders."""
     grid = os.path.join(out_dir, "samples", f"step{step:06d}.png")
     os.makedirs(os.path.dirname(grid), exist_ok=True)
     metrics = sampler.generate_and_check(ema, val_set, tokenizer, sample_steps, cfg_scale, shift, grid_path=grid)
+    message = (f"step {step}: val ISR {metrics['isr']:.3f} mIoU {metrics['miou']:.3f} "
+               f"color {metrics['color_acc']:.3f} shape {metrics['shape_acc']:.3f}")
+    if ground_every:
+        grounder = detector.Grounder("EchoGen", ema, tokenizer, res, max_instances, dev)
+        boxes, scores = detector.ground_scenes(grounder, val_set, val_renders, tokenizer, max_instances, dev)
+        metrics["grounding"] = detector.grounding_metrics(boxes, scores, val_set)
+        message += " | grounding Acc@0.5 {acc50:.3f} mIoU {miou:.3f} AP {ap:.3f}".format(**metrics["grounding"])
     log.write({"step": step, "eval": metrics})
-    tqdm.write(f"step {step}: val ISR {metrics['isr']:.3f} mIoU {metrics['miou']:.3f} "
-               f"color {metrics['color_acc']:.3f} shape {metrics['shape_acc']:.3f} -> {grid}")
+    tqdm.write(f"{message} -> {grid}")
 
 
 model.train()
@@ -174,16 +202,17 @@ while step < max_steps:
     step_lr = runtime.learning_rate(step, lr, min_lr, warmup_steps, lr_decay_steps, schedule)
     for group in optimizer.param_groups:
         group["lr"] = step_lr
-    loss, data_seconds = train_step(step)
+    loss, parts, data_seconds = train_step(step)
     runtime.update_ema(ema, model, ema_decay, step)
     step += 1
     loss = dist_ctx.all_reduce_mean(loss)
+    parts = {k: dist_ctx.all_reduce_mean(v) for k, v in parts.items()}
     window_data, window_steps = window_data + data_seconds, window_steps + 1
     progress.update(1)
     progress.set_postfix(loss=f"{loss:.4f}", lr=f"{step_lr:.2e}")
     if step % log_interval == 0 or step == max_steps:
         elapsed = time.perf_counter() - window_start
-        log.write({"step": step, "loss": loss, "lr": step_lr, "steps_per_s": window_steps / elapsed,
+        log.write({"step": step, "loss": loss, **parts, "lr": step_lr, "steps_per_s": window_steps / elapsed,
                    "images_per_s": window_steps * global_batch / elapsed, "data_wait": window_data / elapsed})
         window_start, window_data, window_steps = time.perf_counter(), 0.0, 0
     if dist_ctx.master and ((eval_interval and step % eval_interval == 0) or step == max_steps) and val_scenes:

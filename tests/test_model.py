@@ -1,12 +1,13 @@
 """The MM-DiT: shapes, adaLN-Zero identity at init, condition dropout, the flow loss, the ODE sampler."""
 
+import dataclasses
 import math
 
 import pytest
 import torch
 
 import sampler
-from model import EchoGen, ModelConfig, fourier_box_embedding, rectified_flow_loss
+from model import EchoGen, ModelConfig, flow_loss, fourier_box_embedding, interpolate
 
 TINY = ModelConfig(res=16, patch=2, dim=32, depth=2, heads=2, text_depth=1, vocab_size=20,
                    max_caption_len=10, max_phrase_len=4, max_instances=3)
@@ -53,8 +54,10 @@ def test_blocks_start_as_identity_on_both_streams():
     mask = torch.ones(2, 1, 1, 71, dtype=torch.bool)
     for block in model.blocks:
         cond_out, image_out = block(cond, image, c, mask)
-        assert torch.equal(image_out, image)
-        assert torch.equal(cond_out, cond) if block is not model.blocks[-1] else cond_out is None
+        assert torch.equal(image_out, image) and torch.equal(cond_out, cond)
+    # the generation-only model's last block lends keys and values only (SD3's pre-only context)
+    generation_only = EchoGen(dataclasses.replace(TINY, grounding=False))
+    assert generation_only.blocks[-1](cond, image, c, mask)[0] is None
     # and they stop being the identity once the adaLN gates are non-zero
     perturb_zero_inits(model)
     _, image_out = model.blocks[0](cond, image, c, mask)
@@ -98,15 +101,17 @@ def test_fourier_box_embedding_layout():
     assert emb[0, 0, 0].item() == pytest.approx(math.sin(math.pi * 0.25), abs=1e-6)
 
 
-def test_flow_loss_of_the_exact_velocity_is_zero():
-    """With the model replaced by the true v = eps - x0, the loss is exactly 0; with v = 0 it is E|eps - x0|^2."""
-    x0, noise, t = torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8), torch.rand(4)
-
-    class Oracle(torch.nn.Module):
-        def forward(self, x_t, t_, *args):
-            return noise - x0
-
-    assert rectified_flow_loss(Oracle(), x0, t, noise, None, None, None, None).item() == 0.0
+def test_flow_loss_of_the_exact_velocity_is_zero_and_weights_rows():
+    x0, noise = torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8)
+    assert flow_loss(noise - x0, x0, noise).item() == 0.0
+    v = torch.zeros_like(x0)
+    per_row = (noise - x0).pow(2).flatten(1).mean(1)
+    weight = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    assert flow_loss(v, x0, noise).item() == pytest.approx(per_row.mean().item(), rel=1e-6)
+    assert flow_loss(v, x0, noise, weight).item() == pytest.approx((per_row[0] + per_row[2]).item() / 4, rel=1e-6)
+    t = torch.tensor([0.0, 1.0, 0.5, 0.25])
+    x_t = interpolate(x0, noise, t)
+    assert torch.equal(x_t[0], x0[0]) and torch.equal(x_t[1], noise[1])
 
 
 def test_timestep_schedule_ends_and_shift():
@@ -124,7 +129,7 @@ def test_euler_sampler_transports_noise_to_a_point_mass():
     class PointMass(torch.nn.Module):
         config = TINY
 
-        def encode_conditions(self, caption_ids, phrase_ids, boxes, instance_mask):
+        def encode_conditions(self, caption_ids, phrase_ids, boxes, instance_mask, task=None):
             return {"pooled": torch.zeros(caption_ids.shape[0], 1)}
 
         def velocity(self, x, t, cond):
@@ -136,3 +141,55 @@ def test_euler_sampler_transports_noise_to_a_point_mass():
     for steps, cfg in ((1, 1.0), (7, 3.0)):
         x0 = sampler.sample(PointMass(), batch, torch.randn(1, 3, 4, 4), steps=steps, cfg=cfg, shift=2.0)
         assert torch.allclose(x0, m, atol=1e-5)
+
+
+# --- the packed two-task sequence (DESIGN.md, "Shared tokens")
+
+def packed_outputs(model, batch, task, x, t):
+    v, grounding = model(x, t, **batch, task=task)
+    return v, grounding["boxes"], grounding["logits"]
+
+
+def test_grounding_rows_never_see_the_layout_boxes():
+    torch.manual_seed(0)
+    model = perturb_zero_inits(EchoGen(TINY)).eval()
+    batch = random_batch()
+    task = torch.tensor([0, 1])  # row 0 generates, row 1 grounds
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([0.6, 0.1])
+    v, boxes, logits = packed_outputs(model, batch, task, x, t)
+    moved = dict(batch, boxes=batch["boxes"].flip(1) * 0.5)
+    v2, boxes2, logits2 = packed_outputs(model, moved, task, x, t)
+    assert torch.allclose(boxes2[:, 1], boxes[:, 1], atol=1e-6) and torch.allclose(logits2[:, 1], logits[:, 1], atol=1e-6)
+    assert torch.allclose(v2[1], v[1], atol=1e-6), "the grounding row's image tokens read no layout token"
+    assert not torch.allclose(v2[0], v[0], atol=1e-4), "the generation row does read its layout"
+
+
+def test_nothing_reads_the_grounding_queries():
+    torch.manual_seed(0)
+    model = perturb_zero_inits(EchoGen(TINY)).eval()
+    batch = random_batch()
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([0.6, 0.1])
+    task = torch.tensor([0, 1])
+    v, boxes, _ = packed_outputs(model, batch, task, x, t)
+    # removing the queries (generation-only sequence) leaves the generation row's image unchanged
+    v_without_queries = model(x, t, **batch)
+    assert torch.allclose(v_without_queries[0], v[0], atol=1e-5)
+    # changing what the queries hold changes the boxes, and no image output of any row
+    with torch.no_grad():
+        model.layout.box_unknown.add_(1.0)
+    v2, boxes2, _ = packed_outputs(model, batch, task, x, t)
+    assert torch.allclose(v2, v, atol=1e-6)
+    assert not torch.allclose(boxes2[:, 1], boxes[:, 1], atol=1e-4)
+
+
+def test_ground_reads_clean_images_and_returns_boxes_per_slot():
+    torch.manual_seed(0)
+    model = perturb_zero_inits(EchoGen(TINY)).eval()
+    batch = random_batch()
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+    out = model.ground(images, batch["caption_ids"], batch["phrase_ids"], batch["instance_mask"])
+    L = TINY.ground_depth
+    assert out["boxes"].shape == (L, 2, 3, 4) and out["logits"].shape == (L, 2, 3)
+    assert torch.all((out["boxes"] >= 0) & (out["boxes"] <= 1))
+    other = model.ground(images.flip(-1), batch["caption_ids"], batch["phrase_ids"], batch["instance_mask"])
+    assert not torch.allclose(other["boxes"], out["boxes"], atol=1e-4), "grounding must read the image"
