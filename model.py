@@ -14,6 +14,7 @@ pooled caption makes a fresh model the identity on its residual streams.
 """
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -447,20 +448,90 @@ def sample_pmtp_draws(n, ground_every, ground_clean, ground_t_max, cond_drop, ge
     return task, torch.where(task == 1, t_grounding, t_generation), drop
 
 
-def pmtp_loss(model, criterion, batch, task, t, noise, drop, ground_weight):
-    """The summed stage-1 loss of a batch and its parts for the log. criterion None: generation only.
-    A dropped generation sample loses caption and layout together (CFG); a grounding sample only its
-    caption (its layout tokens are hidden anyway). Clean grounding samples (t = 0) carry no flow loss."""
-    x0 = batch["images"]
+def pmtp_inputs(batch, task, t, noise, drop):
+    """x_t and the conditions of a stage-1 batch. A dropped generation sample loses caption and layout
+    together (CFG); a grounding sample only its caption (its layout tokens are hidden anyway)."""
     caption_ids, _ = EchoGen.drop_conditions(batch["caption_ids"], batch["instance_mask"], drop)
     instance_mask = batch["instance_mask"] & ~(drop & (task == 0))[:, None]
-    x_t = interpolate(x0, noise, t)
-    if criterion is None:
-        generation = flow_loss(model(x_t, t, caption_ids, batch["phrase_ids"], batch["boxes"], instance_mask), x0, noise)
-        return generation, {"flow": generation.item()}
-    v, grounding = model(x_t, t, caption_ids, batch["phrase_ids"], batch["boxes"], instance_mask, task)
-    generation = flow_loss(v, x0, noise, row_weight=((task == 0) | (t > 0)).float())
+    return interpolate(batch["images"], noise, t), caption_ids, instance_mask
+
+
+def pmtp_terms(criterion, v, grounding, batch, task, t, noise, instance_mask, ground_weight):
+    """The stage-1 loss from the model's outputs, and its parts for the log. Clean grounding samples
+    (t = 0) carry no flow loss."""
+    generation = flow_loss(v, batch["images"], noise, row_weight=((task == 0) | (t > 0)).float())
     ground = criterion(grounding, batch["boxes"], batch["phrase_ids"], instance_mask & (task == 1)[:, None])
     parts = {"flow": generation.item(), "ground": ground["loss"].item(),
              **{f"ground_{k}": ground[k].item() for k in ("l1", "giou", "conf")}}
     return generation + ground_weight * ground["loss"], parts
+
+
+def pmtp_loss(model, criterion, batch, task, t, noise, drop, ground_weight):
+    """The summed stage-1 loss of a batch and its parts for the log. criterion None: generation only."""
+    x_t, caption_ids, instance_mask = pmtp_inputs(batch, task, t, noise, drop)
+    if criterion is None:
+        generation = flow_loss(model(x_t, t, caption_ids, batch["phrase_ids"], batch["boxes"], instance_mask),
+                               batch["images"], noise)
+        return generation, {"flow": generation.item()}
+    v, grounding = model(x_t, t, caption_ids, batch["phrase_ids"], batch["boxes"], instance_mask, task)
+    return pmtp_terms(criterion, v, grounding, batch, task, t, noise, instance_mask, ground_weight)
+
+
+# -----------------------------------------------------------------------------
+# stage 2, DJO: the two tasks chained through each other (used by train_joint.py)
+
+
+@contextmanager
+def frozen_parameters(model):
+    """Calls inside do not track the parameters: a loss computed there reaches them only through its
+    inputs. Autograd records requires_grad when an op runs, so graphs built before are untouched."""
+    flags = [p.requires_grad for p in model.parameters()]
+    model.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(model.parameters(), flags):
+            p.requires_grad_(flag)
+
+
+def djo_loss(model, raw_model, criterion, cycle_criterion, batch, task, t, noise, drop, t_cycle, t_recon,
+             ground_weight, cycle_weight, recon_weight, detach_boxes=True):
+    """Stage 1's loss plus DJO's two chains, all rows in ONE forward of `model` (DDP allows one
+    forward per backward; raw_model is the same module unwrapped, for the calls outside it).
+    - layout -> image -> layout: the generation samples again at low noise t_cycle; the one-step
+      estimate x0_hat = x_t - t v_hat is grounded by the model's own head with frozen parameters, and
+      L1 + GIoU against the asked layout reach the generator through x0_hat alone;
+    - image -> layout -> image: the grounding samples' real images are grounded, and the predicted
+      boxes (detached unless detach_boxes is False) condition the flow loss on those same images at t_recon.
+    -> total, terms: the loss tensors "stage1", "cycle", "recon" and stage 1's parts (floats)."""
+    x0, B = batch["images"], task.shape[0]
+    gen, grd = task == 0, task == 1
+    x_t, caption_ids, instance_mask = pmtp_inputs(batch, task, t, noise, drop)
+    cycle_x_t = interpolate(x0[gen], noise[gen], t_cycle[gen])
+    with torch.set_grad_enabled(torch.is_grad_enabled() and not detach_boxes):
+        grounded = raw_model.ground(x0[grd], batch["caption_ids"][grd], batch["phrase_ids"][grd],
+                                    batch["instance_mask"][grd])
+    predicted_boxes = detector.box_cxcywh_to_xyxy(grounded["boxes"][-1]).clamp(0, 1)
+    recon_x_t = interpolate(x0[grd], noise[grd], t_recon[grd])
+
+    def rows(full, of_gen, of_grd):  # the packed batch: [stage 1 | cycle | reconstruction]
+        return torch.cat([full, of_gen, of_grd])
+
+    v, grounding = model(rows(x_t, cycle_x_t, recon_x_t), rows(t, t_cycle[gen], t_recon[grd]),
+                         rows(caption_ids, batch["caption_ids"][gen], batch["caption_ids"][grd]),
+                         rows(batch["phrase_ids"], batch["phrase_ids"][gen], batch["phrase_ids"][grd]),
+                         rows(batch["boxes"], batch["boxes"][gen], predicted_boxes.to(batch["boxes"].dtype)),
+                         rows(instance_mask, batch["instance_mask"][gen], batch["instance_mask"][grd]),
+                         rows(task, torch.zeros_like(task[gen]), torch.zeros_like(task[grd])))
+    n_gen = int(gen.sum())
+    stage1, parts = pmtp_terms(criterion, v[:B], {k: g[:, :B] for k, g in grounding.items()}, batch, task, t,
+                               noise, instance_mask, ground_weight)
+    x0_hat = cycle_x_t - t_cycle[gen].view(-1, 1, 1, 1) * v[B:B + n_gen].float()
+    with frozen_parameters(raw_model):
+        cycle_grounding = raw_model.ground(x0_hat, batch["caption_ids"][gen], batch["phrase_ids"][gen],
+                                           batch["instance_mask"][gen])
+    cycle = cycle_criterion(cycle_grounding, batch["boxes"][gen], batch["phrase_ids"][gen],
+                            batch["instance_mask"][gen])["loss"]
+    recon = flow_loss(v[B + n_gen:], x0[grd], noise[grd])
+    terms = {"stage1": stage1, "cycle": cycle, "recon": recon, **parts}
+    return stage1 + cycle_weight * cycle + recon_weight * recon, terms

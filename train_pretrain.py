@@ -35,8 +35,8 @@ from tqdm import tqdm
 
 import data
 import detector
+import eval as evaluation  # eval.py; renamed so as not to shadow the builtin
 import runtime
-import sampler
 from model import EchoGen, ModelConfig, pmtp_loss, sample_pmtp_draws
 
 # -----------------------------------------------------------------------------
@@ -115,7 +115,6 @@ if dist_ctx.master:
 dist_ctx.barrier()
 cache = data.load_or_prepare_cache(res, cache_scenes, data_seed, data_dir=data_dir, max_instances=max_instances)
 val_set = data.make_scene_set("val", val_scenes, seed=0)
-val_renders = [data.render_scene(scene, res) for scene in val_set]
 
 # model, EMA, optimizer
 model_config = ModelConfig(res=res, patch=patch, dim=dim, depth=depth, heads=heads, text_depth=text_depth,
@@ -179,20 +178,13 @@ def train_step(step):
 
 
 def evaluate(step):
-    """The EMA model on the fixed validation set (rank 0): the checker's figures of its images and a
-    sample grid; with PMTP also its grounding of the true renders."""
+    """The EMA model on the fixed validation set (rank 0): the checker's figures of its images, a
+    sample grid and, with PMTP, its grounding of the true renders."""
     grid = os.path.join(out_dir, "samples", f"step{step:06d}.png")
     os.makedirs(os.path.dirname(grid), exist_ok=True)
-    metrics = sampler.generate_and_check(ema, val_set, tokenizer, sample_steps, cfg_scale, shift, grid_path=grid)
-    message = (f"step {step}: val ISR {metrics['isr']:.3f} mIoU {metrics['miou']:.3f} "
-               f"color {metrics['color_acc']:.3f} shape {metrics['shape_acc']:.3f}")
-    if ground_every:
-        grounder = detector.Grounder("EchoGen", ema, tokenizer, res, max_instances, dev)
-        boxes, scores = detector.ground_scenes(grounder, val_set, val_renders, tokenizer, max_instances, dev)
-        metrics["grounding"] = detector.grounding_metrics(boxes, scores, val_set)
-        message += " | grounding Acc@0.5 {acc50:.3f} mIoU {miou:.3f} AP {ap:.3f}".format(**metrics["grounding"])
+    metrics = evaluation.evaluate(ema, val_set, tokenizer, sample_steps, cfg_scale, shift, grid_path=grid)
     log.write({"step": step, "eval": metrics})
-    tqdm.write(f"{message} -> {grid}")
+    tqdm.write(f"step {step}: val {evaluation.summary(metrics)} -> {grid}")
 
 
 model.train()
