@@ -315,6 +315,10 @@ class EchoGen(nn.Module):
         for layer in (self.final.adaLN[-1], self.final.linear):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
+        if self.config.grounding:
+            # small, as DiT's class embedding: nn.Embedding's N(0, 1) would add a vector of norm
+            # ~sqrt(dim) to the conditioning and drown the timestep and the caption in it
+            nn.init.normal_(self.task_embed.weight, std=0.02)
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())

@@ -4,6 +4,12 @@ and classifier-free guidance (DESIGN.md, "Generation objective").
 
 The flow runs from noise at t = 1 to data at t = 0: x_{t'} = x_t + (t' - t) v(x_t, t).
 
+For Cycle RL (DESIGN.md, "SDE for flow models") the same flow is sampled through an SDE with the
+same marginals, whose every step is a Gaussian with an exact log-probability:
+sde_step_with_logprob (the step, float32), policy_step (velocity + step, shared by sampling and
+scoring), sample_sde (trajectories, optionally stochastic in a window of steps only) and
+gaussian_step_kl (the closed-form KL between two such steps).
+
     python sampler.py --ckpt out/pretrain/ckpt --layouts L.json --out DIR [--steps 25] [--cfg 3.0] [--seed 0]
 
 writes {id}.png for every scene of the layout file at the checkpoint's resolution, with the EMA
@@ -11,12 +17,15 @@ weights. A bad layout file stops with a one-line error before anything is writte
 """
 
 import argparse
+import math
 import os
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
 
 import data
+import model as mmdit
 import runtime
 
 
@@ -60,6 +69,137 @@ def sample(model, batch, noise, steps=25, cfg=3.0, shift=1.0):
             v = guided_velocity(model, x, t_batch, cond, cfg)
         x = x + (t_next - t) * v.float()
     return x
+
+
+# -----------------------------------------------------------------------------
+# the SDE sampler with per-step Gaussian log-probabilities: the policy of Cycle RL
+# (DESIGN.md, "SDE for flow models"; Flow-GRPO's sde_step_with_logprob)
+
+
+class SDEStep(NamedTuple):
+    sample: torch.Tensor  # x_{t+dt} (B, ...)
+    mean: torch.Tensor  # the step's Gaussian mean (B, ...)
+    std: torch.Tensor  # its std, one per sample, broadcastable: (B, 1, ...)
+    log_prob: Optional[torch.Tensor]  # (B,): the mean over dimensions of log N(sample; mean, std^2); None when std = 0
+
+
+def sde_sigma(t, dt, a):
+    """sigma_t = a sqrt(t / (1 - t)), with t capped at 1 - |dt| (DESIGN.md's SDE is singular at t = 1).
+    The cap equals Flow-GRPO's rule (sigma at t = 1 is the sigma of the schedule's next time) and,
+    unlike a fixed cap 1 - 1e-k, keeps the first step sane for any step count: there the drift
+    correction sigma^2 / (2t) x |dt| becomes a^2 (1 - |dt|) / 2 x, the noise variance a^2 (1 - |dt|). Any sigma(t)
+    gives the same marginals (the score term is exact for every diffusion coefficient), so the cap
+    changes the noise schedule, not the distribution sampled."""
+    t_sigma = torch.minimum(t, 1 + dt)  # dt < 0: 1 + dt = 1 - |dt|
+    return a * torch.sqrt(t_sigma / (1 - t_sigma))
+
+
+def sde_step_with_logprob(v, x, t, t_next, a, prev_sample=None, generator=None):
+    """One step of the SDE from t to t_next < t, all of its mathematics in float32 whatever the
+    autocast, shared by sampling and training so that the ratio to the sampling policy is exactly 1
+    before an update:
+        mean = x + [v + sigma_t^2 / (2t) (x + (1 - t) v)] dt,   std = sigma_t sqrt(|dt|),   dt = t_next - t
+    x + (1 - t) v = E[eps | x_t] = -t * score, so the bracket is the reverse-time drift v - sigma^2/2 score.
+    v, x: (B, ...); t, t_next: floats or (B,) tensors; a >= 0: the noise level (a = 0 is the Euler
+    step, exactly). prev_sample: a stored x_{t+dt} to score instead of drawing one.
+    Log-probability: the MEAN over the non-batch dimensions of log N (Flow-GRPO's reduction): ratios
+    and the KL (gaussian_step_kl, same reduction) then do not scale with the resolution, so the clip
+    range and the KL weight carry over from R = 32 to R = 64."""
+    with torch.autocast(x.device.type, enabled=False):
+        v, x = v.float(), x.float()
+        shape = (-1,) + (1,) * (x.ndim - 1)
+        # the times in float64 until dt is taken, so dt rounds once, as sample()'s Python-float dt does
+        t, t_next = (torch.as_tensor(u, dtype=torch.float64, device=x.device).expand(x.shape[0]).reshape(shape)
+                     for u in (t, t_next))
+        dt, t = (t_next - t).float(), t.float()  # (B, 1, ...); dt < 0
+        if a == 0:
+            mean = x + v * dt  # the Euler step, bit for bit as sample() takes it
+            return SDEStep(mean if prev_sample is None else prev_sample.float(), mean, torch.zeros_like(t), None)
+        sigma = sde_sigma(t, dt, a)
+        mean = x + (v + sigma ** 2 / (2 * t) * (x + (1 - t) * v)) * dt
+        std = sigma * torch.sqrt(-dt)
+        if prev_sample is None:
+            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
+            prev_sample = mean + std * noise
+        prev_sample = prev_sample.float()
+        log_prob = (-((prev_sample.detach() - mean) ** 2) / (2 * std ** 2) - torch.log(std)
+                    - 0.5 * math.log(2 * math.pi))
+        return SDEStep(prev_sample, mean, std, log_prob.flatten(1).mean(1))
+
+
+def gaussian_step_kl(mean, ref_mean, std):
+    """KL(N(mean, std^2) || N(ref_mean, std^2)) of one step, both policies sharing the std:
+    ||mean - ref_mean||^2 / (2 std^2), reduced like the log-probability (a mean over dimensions). -> (B,)"""
+    with torch.autocast(mean.device.type, enabled=False):
+        return ((mean.float() - ref_mean.float()) ** 2 / (2 * std.float() ** 2)).flatten(1).mean(1)
+
+
+def policy_velocity(model, batch, x, t, cfg):
+    """The guided velocity as the policy computes it: through the model's forward (so that a DDP
+    wrapper sees the call), the conditions encoded anew, both CFG halves in one pass as in
+    conditions_with_null / guided_velocity. t: a float, the time of the whole batch."""
+    B = x.shape[0]
+    t_batch = torch.full((B,), t, device=x.device)
+    if cfg == 1.0:
+        return model(x, t_batch, batch["caption_ids"], batch["phrase_ids"], batch["boxes"], batch["instance_mask"])
+    drop = torch.arange(2 * B, device=x.device) >= B  # (2B,): the second half is dropped
+    caption_ids, instance_mask = mmdit.EchoGen.drop_conditions(batch["caption_ids"].repeat(2, 1),
+                                                               batch["instance_mask"].repeat(2, 1), drop)
+    v_cond, v_uncond = model(torch.cat([x, x]), torch.cat([t_batch, t_batch]), caption_ids,
+                             batch["phrase_ids"].repeat(2, 1, 1), batch["boxes"].repeat(2, 1, 1),
+                             instance_mask).chunk(2)
+    return v_uncond + cfg * (v_cond - v_uncond)
+
+
+def policy_step(model, batch, x, t, t_next, cfg, a, prev_sample=None, generator=None):
+    """The policy's step: the guided velocity (under autocast) followed by sde_step_with_logprob.
+    sample_sde calls it to draw, the trainer with prev_sample to score a stored transition: one code
+    path, hence a ratio of exactly 1 with unchanged parameters, provided the module is in the same
+    mode for both (the trainer keeps it in train mode: in eval mode under no_grad,
+    nn.TransformerEncoder takes a fused fast path that rounds differently). batch: the collated
+    conditions of the B rows of x; t, t_next: floats."""
+    with runtime.autocast(x.device):
+        v = policy_velocity(model, batch, x, t, cfg)
+    return sde_step_with_logprob(v, x, t, t_next, a, prev_sample, generator)
+
+
+def stochastic_steps(steps, sde_window):
+    """The indices of the steps taken stochastically: all (None), or those of range(*sde_window)
+    (Flow-GRPO-Fast / MixGRPO: only a window is SDE, the rest ODE, so fewer steps need scoring)."""
+    if sde_window is None:
+        return list(range(steps))
+    start, end = sde_window
+    if not 0 <= start < end <= steps:
+        raise ValueError(f"sde_window {sde_window} must satisfy 0 <= start < end <= steps = {steps}")
+    return list(range(start, end))
+
+
+@torch.no_grad()
+def sample_sde(model, batch, noise, steps, cfg, shift, a, generator=None, sde_window=None):
+    """Sample through the SDE, recording every stochastic step for RL. noise (B, C, R, R); generator
+    draws the steps' noise. Steps outside sde_window are Euler (ODE) steps. -> dict with
+    "x0" (B, C, R, R); per stochastic step s (S of them): "x_t", "x_next" (S, B, C, R, R),
+    "log_prob" (S, B), "t", "t_next" (S,) float64, "step" (S,) indices into the schedule.
+    The model is called through its forward (policy_step), so pass the module in the mode it will be
+    scored in (train mode: see policy_step)."""
+    times = timestep_schedule(steps, shift).tolist()
+    stochastic = set(stochastic_steps(steps, sde_window))
+    x = noise.float()
+    record = {"x_t": [], "x_next": [], "log_prob": [], "t": [], "t_next": [], "step": []}
+    for i, (t, t_next) in enumerate(zip(times[:-1], times[1:])):
+        out = policy_step(model, batch, x, t, t_next, cfg, a if i in stochastic else 0.0, generator=generator)
+        if i in stochastic and a > 0:
+            for key, value in (("x_t", x), ("x_next", out.sample), ("log_prob", out.log_prob), ("t", t),
+                               ("t_next", t_next), ("step", i)):
+                record[key].append(value)
+        x = out.sample
+    trajectory = {"x0": x}
+    for key, values in record.items():
+        # the times in float64: the exact Python floats of the schedule, so that scoring a step with
+        # float(trajectory["t"][s]) repeats its sampling bit for bit
+        trajectory[key] = (torch.stack(values) if values and torch.is_tensor(values[0])
+                           else torch.tensor(values, dtype=torch.long if key == "step" else torch.float64))
+    return trajectory
 
 
 def initial_noise(n, shape, seed, first_index=0):

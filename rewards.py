@@ -1,0 +1,148 @@
+"""
+Rewards and advantages of Cycle RL (DESIGN.md, "The three stages", 3; issue 5).
+
+- layout reward: an image generated for a layout is grounded (by any grounder: the model's own
+  head through a frozen copy, or the standalone detector, both as detector.Grounder) and scored
+      r = mean over instances of IoU(predicted box, asked box) + mean over instances of confidence,
+  in [0, 2], 2 for perfect boxes found with confidence 1. Slots that share a phrase are
+  interchangeable (the grounder cannot know which "red circle" of the layout it found), so their
+  predictions are first matched one-to-one to the asked boxes by maximum total IoU (Hungarian);
+  every other slot keeps its own box. The confidence half does not depend on the matching.
+- brightness_reward: an analytic stand-in (mean brightness inside the boxes) to test the RL loop.
+- group_advantages: GRPO's group-relative advantages (per layout group of G samples: mean and std
+  of its rewards, a small epsilon, clipping).
+- critic_advantages: PPO's r - phi(s_t) with a learned value (I-DRUID), and ValueCritic, the small MLP.
+- clipped_policy_loss: the clipped ratio objective of one step and its statistics (clip fraction,
+  approx-KL), shared by GRPO and PPO.
+"""
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
+
+import detector
+
+# -----------------------------------------------------------------------------
+# the layout reward
+
+
+@torch.no_grad()
+def matched_ious(pred_boxes, target_boxes, phrase_ids, instance_mask):
+    """IoU of each asked instance with the prediction matched to it: pred_boxes, target_boxes (B, N, 4)
+    xyxy, phrase_ids (B, N, Lp), instance_mask (B, N) -> (B, N), 0 on empty slots. Within a group of
+    slots that share a phrase (detector.phrase_groups) the assignment maximizes the total IoU."""
+    # (B, N, N): pred slot x asked slot; empty slots hold zero boxes, whose 0 / 0 IoU is NaN
+    iou = detector.box_iou(pred_boxes.float(), target_boxes.float())[0].nan_to_num(0.0)
+    per_instance = torch.diagonal(iou, dim1=1, dim2=2).clone()  # (B, N): each slot with its own box
+    groups = detector.phrase_groups(phrase_ids, instance_mask).cpu().numpy()
+    iou_np = iou.cpu().numpy()
+    for b in range(groups.shape[0]):
+        for group in np.unique(groups[b][groups[b] >= 0]):
+            members = np.flatnonzero(groups[b] == group)
+            if len(members) > 1:  # a repeated phrase: its predictions may trade their asked boxes
+                rows, cols = linear_sum_assignment(iou_np[b][np.ix_(members, members)], maximize=True)
+                per_instance[b, torch.from_numpy(members[cols])] = torch.from_numpy(
+                    iou_np[b][members[rows], members[cols]]).to(per_instance)
+    return torch.where(instance_mask, per_instance, torch.zeros_like(per_instance))
+
+
+@torch.no_grad()
+def score_layouts(pred_boxes, pred_scores, target_boxes, phrase_ids, instance_mask):
+    """The layout reward from a grounder's output: pred_boxes (B, N, 4) xyxy, pred_scores (B, N) in
+    [0, 1], target_boxes (B, N, 4) xyxy, phrase_ids (B, N, Lp), instance_mask (B, N)
+    -> {"reward": (B,), "iou": (B,) mean matched IoU, "confidence": (B,) mean score}."""
+    mask = instance_mask.float()
+    n = mask.sum(1).clamp(min=1)
+    iou = matched_ious(pred_boxes, target_boxes, phrase_ids, instance_mask).sum(1) / n
+    confidence = (pred_scores.float() * mask).sum(1) / n
+    return {"reward": iou + confidence, "iou": iou, "confidence": confidence}
+
+
+@torch.no_grad()
+def layout_reward(grounder, images, batch):
+    """Ground generated images (B, C, R, R) in [-1, 1] against the layouts of a collated batch (without
+    images) and score them. grounder: a callable on a batch with "images" -> (boxes_xyxy, scores), as
+    detector.Grounder is (wrap a frozen copy of the model: detector.Grounder("EchoGen", copy, ...))."""
+    boxes, scores = grounder({**batch, "images": images.float().clamp(-1, 1)})
+    return score_layouts(boxes, scores, batch["boxes"], batch["phrase_ids"], batch["instance_mask"])
+
+
+@torch.no_grad()
+def brightness_reward(images, boxes, instance_mask):
+    """An analytic reward for sanity checks of the RL loop (no grounder): the mean brightness inside
+    the asked boxes, in [0, 1]. images (B, C, R, R) in [-1, 1], boxes (B, N, 4) xyxy, instance_mask (B, N) -> (B,)"""
+    R = images.shape[-1]
+    centres = (torch.arange(R, device=images.device, dtype=torch.float32) + 0.5) / R
+    inside_x = (centres >= boxes[..., 0:1]) & (centres < boxes[..., 2:3])  # (B, N, R)
+    inside_y = (centres >= boxes[..., 1:2]) & (centres < boxes[..., 3:4])
+    masks = (inside_y[..., :, None] & inside_x[..., None, :]).float()  # (B, N, R, R)
+    brightness = (images.float().clamp(-1, 1).mean(1) + 1) / 2  # (B, R, R)
+    per_instance = (masks * brightness[:, None]).sum((2, 3)) / masks.sum((2, 3)).clamp(min=1)
+    mask = instance_mask.float()
+    return (per_instance * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+
+# -----------------------------------------------------------------------------
+# advantages
+
+
+def group_advantages(rewards, group_size, eps=1e-4, clip=5.0):
+    """GRPO: rewards (B * G,) with each group's G samples contiguous -> (B * G,) advantages
+    (r - mean_group) / (std_group + eps), clipped to [-clip, clip] (0 = no clipping). std is the
+    population std; a group whose samples all scored the same gets advantages of exactly 0."""
+    grouped = rewards.float().view(-1, group_size)  # (B, G)
+    mean = grouped.mean(1, keepdim=True)
+    std = grouped.std(1, unbiased=False, keepdim=True)
+    advantages = (grouped - mean) / (std + eps)
+    if clip > 0:
+        advantages = advantages.clamp(-clip, clip)
+    return advantages.flatten()
+
+
+def critic_advantages(rewards, values, normalize=True, eps=1e-4):
+    """PPO with a learned critic (I-DRUID): A = r - phi(s_t) per sample and step. rewards (B,),
+    values (S, B) the critic's estimate at each trained step -> (S, B), detached; normalize: to zero
+    mean and unit std over the batch (PPO's advantage normalization, which also keeps a young critic's
+    bias from pushing every sample the same way). Under DDP pass normalize=False and normalize over
+    the gathered batch."""
+    advantages = rewards.float()[None] - values.detach().float()
+    if normalize:
+        advantages = (advantages - advantages.mean()) / (advantages.std(unbiased=False) + eps)
+    return advantages
+
+
+class ValueCritic(nn.Module):
+    """phi(s_t): a small MLP on cheap features of the state, x_t average-pooled to pool x pool, the
+    time, and the layout (boxes and the mask, flattened). -> (B,) the expected reward."""
+
+    def __init__(self, channels, max_instances, pool=4, hidden=128):
+        super().__init__()
+        self.pool = pool
+        features = channels * pool * pool + 1 + 5 * max_instances
+        self.mlp = nn.Sequential(nn.Linear(features, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
+                                 nn.Linear(hidden, 1))
+
+    def forward(self, x_t, t, boxes, instance_mask):
+        """x_t (B, C, R, R), t (B,), boxes (B, N, 4), instance_mask (B, N) -> (B,)"""
+        pooled = F.adaptive_avg_pool2d(x_t.float(), self.pool).flatten(1)  # (B, C * pool * pool)
+        layout = torch.cat([boxes.float() * instance_mask[..., None], instance_mask[..., None].float()], -1)
+        return self.mlp(torch.cat([pooled, t.float()[:, None], layout.flatten(1)], dim=1)).squeeze(1)
+
+
+# -----------------------------------------------------------------------------
+# the clipped objective
+
+
+def clipped_policy_loss(log_prob, old_log_prob, advantages, clip_range):
+    """PPO's clipped surrogate of one step, per sample: -min(ratio A, clip(ratio, 1 -+ clip_range) A)
+    with ratio = exp(log_prob - old_log_prob). All (B,) -> loss (B,), and for the log
+    {"clip_frac": share of samples whose ratio left the range, "approx_kl": E[(log ratio)^2] / 2}."""
+    log_ratio = log_prob - old_log_prob
+    ratio = torch.exp(log_ratio)
+    loss = -torch.minimum(ratio * advantages, ratio.clamp(1 - clip_range, 1 + clip_range) * advantages)
+    with torch.no_grad():
+        stats = {"clip_frac": ((ratio - 1).abs() > clip_range).float().mean().item(),
+                 "approx_kl": (0.5 * log_ratio ** 2).mean().item()}
+    return loss, stats

@@ -1,0 +1,418 @@
+"""
+Stage 3 of EchoGen, Cycle RL (DESIGN.md "The three stages", 3, and "SDE for flow models"): layouts
+only, no images. The policy is the generator sampled through the SDE of sampler.py; the reward is
+the model's own grounding of what it generated, against the layout it was asked for.
+
+Per update:
+  1. layouts_per_update layouts per rank from the world's scene sampler (data.sample_scene, no images);
+  2. group_size samples of each through the SDE (same_noise: the G samples share their initial
+     noise and differ by the SDE's noise alone), every stochastic step's transition and log-prob kept;
+  3. rewards (rewards.layout_reward): IoU + confidence from a frozen copy of the model's own head,
+     refreshed every reward_refresh updates (or, reward_ckpt, a fixed standalone detector);
+  4. advantages: GRPO (algo = "grpo"), per group mean / std, groups whose rewards are all equal
+     skipped; PPO (algo = "ppo", I-DRUID), r - phi(x_t, t, layout) from a small MLP critic trained on
+     the rewards (rewards.ValueCritic);
+  5. the clipped ratio objective over the trained steps (train_steps: "all", "early" = the first
+     train_fraction of the stochastic steps, the high-noise ones, or "random" = a random
+     train_fraction of them each update), plus kl_weight times the closed-form KL to the frozen
+     reference policy (the init checkpoint) per step, gradient clipping, minibatches optimizer steps
+     per update (the first sees a ratio of exactly 1, the later ones the clip);
+  6. ground_generated (on by default): generated images whose reward reaches ground_threshold
+     train the grounding head with their own layouts as targets (the cycle's gift to grounding).
+Logs per update: mean reward, std of the reward within groups, KL, clip fraction, approx-KL; every
+eval_interval updates the rule-based checker's ISR / mIoU of the EMA model on the fixed validation
+set (so reward hacking shows as a rising reward with a flat checker), its grounding and a sample grid.
+
+    python train_cycle_rl.py                                          # from out/pretrain/ckpt, CPU is fine
+    python train_cycle_rl.py --algo=ppo --out_dir=out/cycle_rl_ppo
+    python train_cycle_rl.py --init_from=resume                       # continue out_dir/ckpt exactly
+    torchrun --standalone --nproc_per_node=8 train_cycle_rl.py --init_from=out/pretrain_gpu/ckpt --out_dir=out/cycle_rl_gpu
+Any config value below can be overridden: --key=value, or a config file of assignments. The
+model's architecture comes from the checkpoint.
+
+Exact resume: the layouts, initial noise, SDE noise and trained-step choice of update u are pure
+functions of (seed, u, rank); the reference policy is re-read from the init checkpoint named in the
+saved config; the reward copy is refreshed from the current weights at every multiple of
+reward_refresh, so ckpt_interval must be a multiple of reward_refresh. The PPO critic and its
+optimizer live in ckpt/critic.pt.
+"""
+
+import copy
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+import data
+import detector
+import eval as evaluation  # eval.py; renamed so as not to shadow the builtin
+import rewards
+import runtime
+import sampler
+
+# -----------------------------------------------------------------------------
+# config
+# I/O
+out_dir = "out/cycle_rl"
+init_from = "out/pretrain/ckpt"  # a PMTP (or DJO) checkpoint folder, or "resume" (from out_dir/ckpt)
+log_interval = 1  # updates between JSONL log lines
+eval_interval = 25  # updates between checker figures and a sample grid (0 = only at the end)
+ckpt_interval = 25  # a multiple of reward_refresh (exact resume)
+val_scenes = 64  # the fixed validation set ("val", seed 0)
+# layouts
+layout_seed = 0
+min_objects = 1
+max_objects = 4
+# sampling the policy
+layouts_per_update = 4  # per rank
+group_size = 8  # G samples per layout
+same_noise = False  # True: the G samples of a layout share their initial noise
+sample_steps = 10
+cfg_scale = 3.0
+shift = 1.0
+sde_a = 0.7  # the SDE's noise level a: sigma_t = a sqrt(t / (1 - t))
+sde_window_start = 0  # the stochastic steps are [start, end) of the schedule; the rest are ODE steps
+sde_window_end = -1  # -1 = sample_steps
+train_steps = "all"  # "all", "early" (the first train_fraction of the stochastic steps) or "random"
+train_fraction = 0.5
+# the objective
+algo = "grpo"  # "grpo" or "ppo"
+clip_range = 1e-3  # on the ratio of per-dimension-mean log-probs (sampler.sde_step_with_logprob)
+adv_clip = 5.0
+adv_eps = 1e-4
+kl_weight = 0.01
+minibatches = 2  # optimizer steps per update, each over a share of the samples and all trained steps
+# reward
+reward_kind = "grounding"  # "grounding" (the layout reward) or "brightness" (analytic, inside the boxes: tests the loop)
+reward_ckpt = ""  # "" = the model's own head (a frozen copy); else a grounder checkpoint (StandaloneDetector)
+reward_refresh = 5  # updates between refreshes of the frozen own-head copy
+# the cycle's gift to grounding
+ground_generated = True
+ground_threshold = 1.5  # reward (IoU + confidence, in [0, 2]) from which an image trains the head
+ground_weight = 0.1
+# the PPO critic
+critic_lr = 1e-3
+critic_hidden = 128
+# optimizer
+lr = 1e-4
+min_lr = 1e-4
+weight_decay = 0.0
+beta1 = 0.9
+beta2 = 0.99
+grad_clip = 1.0
+schedule = "constant"
+warmup_steps = 0
+max_steps = 200  # updates
+lr_decay_steps = 200
+ema_decay = 0.99
+# system
+device = "auto"
+compile = False
+seed = 4242
+# -----------------------------------------------------------------------------
+config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
+globals().update(runtime.configure({k: globals()[k] for k in config_keys}, sys.argv[1:]))
+config = {k: globals()[k] for k in config_keys}
+# -----------------------------------------------------------------------------
+
+dist_ctx = runtime.Dist(device)
+dev = dist_ctx.device
+if reward_kind not in ("grounding", "brightness"):
+    runtime.fail(f"reward_kind must be 'grounding' or 'brightness', got {reward_kind!r}")
+if algo not in ("grpo", "ppo"):
+    runtime.fail(f"algo must be 'grpo' or 'ppo', got {algo!r}")
+if train_steps not in ("all", "early", "random"):
+    runtime.fail(f"train_steps must be 'all', 'early' or 'random', got {train_steps!r}")
+if sde_a <= 0:
+    runtime.fail(f"sde_a must be > 0 (the policy needs stochastic steps), got {sde_a}")
+if ckpt_interval and ckpt_interval % reward_refresh:
+    runtime.fail(f"ckpt_interval {ckpt_interval} must be a multiple of reward_refresh {reward_refresh} (exact resume)")
+if algo == "grpo" and group_size < 2:
+    runtime.fail(f"GRPO needs group_size >= 2, got {group_size}")
+samples_per_rank = layouts_per_update * group_size
+if samples_per_rank % minibatches:
+    runtime.fail(f"layouts_per_update * group_size = {samples_per_rank} must be a multiple of minibatches {minibatches}")
+try:
+    sde_window = (sde_window_start, sample_steps if sde_window_end == -1 else sde_window_end)
+    stochastic = sampler.stochastic_steps(sample_steps, sde_window)
+except ValueError as e:
+    runtime.fail(str(e))
+ckpt_path = os.path.join(out_dir, "ckpt")
+source = ckpt_path if init_from == "resume" else init_from
+
+# the policy, its EMA and optimizer; the frozen reference policy (the init checkpoint's weights)
+saved = runtime.read_checkpoint_config(source)
+if saved["kind"] != "EchoGen" or not saved["model"].get("grounding"):
+    runtime.fail(f"checkpoint '{source}': Cycle RL needs an EchoGen model with a grounding head (a PMTP checkpoint)")
+reference_path = saved["train"].get("rl_reference", source) if init_from == "resume" else source
+config["rl_reference"] = reference_path  # saved with every checkpoint, so a resume finds its reference
+model, tokenizer, _ = runtime.load_model(source, "model", dev)
+model_config = model.config
+res, max_instances = model_config.res, model_config.max_instances
+if not 1 <= min_objects <= max_objects <= min(max_instances, data.MAX_OBJECTS):
+    runtime.fail(f"need 1 <= min_objects <= max_objects <= {min(max_instances, data.MAX_OBJECTS)} "
+                 f"(the model's max_instances), got {min_objects}, {max_objects}")
+ema = copy.deepcopy(model).requires_grad_(False)
+ema.load_state_dict(runtime.load_weights(source, "ema"))
+reference = copy.deepcopy(model).requires_grad_(False)
+reference.load_state_dict(runtime.load_weights(reference_path, "model"))
+optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(beta1, beta2), weight_decay=weight_decay,
+                              fused=dev.type == "cuda")
+step = runtime.load_train_state(source, model, ema, optimizer) if init_from == "resume" else 0
+critic = critic_optimizer = None
+if algo == "ppo":
+    torch.manual_seed(seed)
+    critic = rewards.ValueCritic(model_config.channels, max_instances, hidden=critic_hidden).to(dev)
+    critic_optimizer = torch.optim.AdamW(critic.parameters(), lr=critic_lr)
+    if init_from == "resume":
+        state = torch.load(os.path.join(source, "critic.pt"), map_location=dev, weights_only=True)
+        critic.load_state_dict(state["critic"])
+        critic_optimizer.load_state_dict(state["optimizer"])
+criterion = detector.GroundingCriterion()
+
+# the reward's grounder: a frozen copy of the model's own head, or a fixed judge
+if reward_ckpt:
+    grounder = detector.load_grounder(reward_ckpt, dev)
+    if grounder.res != res:
+        runtime.fail(f"reward_ckpt '{reward_ckpt}': grounder of resolution {grounder.res}, the model makes {res}")
+    reward_model = None
+else:
+    reward_model = copy.deepcopy(model).eval().requires_grad_(False)
+    grounder = detector.Grounder("EchoGen", reward_model, tokenizer, res, max_instances, dev)
+val_set = data.make_scene_set("val", val_scenes, seed=0)
+if dist_ctx.master:
+    print(f"Cycle RL ({algo}) from {source}: {model.num_params() / 1e6:.2f}M parameters, res {res}, "
+          f"{layouts_per_update} layouts x {group_size} samples on each of {dist_ctx.world} x {dev.type}, "
+          f"stochastic steps {stochastic[0]}..{stochastic[-1]} of {sample_steps}, from update {step}")
+
+# train mode throughout, for sampling too: there is no dropout, and it keeps nn.TransformerEncoder off its
+# eval-mode fast path, so that sampling and scoring share one numerical path (sampler.policy_step)
+model.train()
+reference.train()
+if compile:
+    model.compile_blocks()  # before the DDP wrap (nanoGPT)
+# the velocity pass leaves the grounding head unused (and the grounding pass the velocity head)
+train_model = DDP(model, device_ids=[dist_ctx.local_rank] if dev.type == "cuda" else None,
+                  find_unused_parameters=True) if dist_ctx.ddp else model
+log = runtime.JsonlLog(os.path.join(out_dir, "log.jsonl"), dist_ctx.master)
+
+
+def draw_layouts(update):
+    """This rank's layouts of an update, each repeated group_size times (groups contiguous): the
+    scenes and their collated conditions on the device."""
+    first = dist_ctx.rank * layouts_per_update
+    scenes = [data.sample_scene(np.random.default_rng([layout_seed, update, first + i]), (min_objects, max_objects))
+              for i in range(layouts_per_update)]
+    batch = data.collate(scenes, None, tokenizer, max_instances)
+    return scenes, {k: v.repeat_interleave(group_size, dim=0).to(dev) for k, v in batch.items()}
+
+
+def draw_noise(update):
+    """Initial noise of the global batch from (seed, update); this rank's slice."""
+    g = runtime.step_generator(seed, update, dev)
+    n_global = dist_ctx.world * layouts_per_update
+    shape = (model_config.channels, res, res)
+    if same_noise:
+        noise = torch.randn((n_global, *shape), generator=g, device=dev).repeat_interleave(group_size, dim=0)
+    else:
+        noise = torch.randn((n_global * group_size, *shape), generator=g, device=dev)
+    return noise[dist_ctx.rank * samples_per_rank:(dist_ctx.rank + 1) * samples_per_rank]
+
+
+def gather(values):
+    """(n,) on every rank -> (world * n,) in rank order."""
+    if not dist_ctx.ddp:
+        return values
+    parts = [torch.empty_like(values) for _ in range(dist_ctx.world)]
+    dist.all_gather(parts, values.contiguous())
+    return torch.cat(parts)
+
+
+def trained_steps(update, n_stochastic):
+    """Indices into the recorded stochastic steps that the objective covers this update."""
+    if train_steps == "all":
+        return list(range(n_stochastic))
+    k = max(1, math.ceil(train_fraction * n_stochastic))
+    if train_steps == "early":  # the first ones: the high-noise steps, where the layout is decided
+        return list(range(k))
+    g = torch.Generator().manual_seed(seed * 7919 + update)
+    return sorted(torch.randperm(n_stochastic, generator=g)[:k].tolist())
+
+
+def train_critic(trajectory, batch, reward, steps):
+    """One critic step: MSE of phi(x_t, t, layout) to the reward at the trained steps; -> (S, B) values
+    before the step (the baseline of PPO's advantage). Gradients averaged over ranks by hand."""
+    x_t = trajectory["x_t"][steps]  # (S, B, C, R, R)
+    S, B = x_t.shape[:2]
+    t = trajectory["t"][steps].to(dev).float().repeat_interleave(B)
+    values = critic(x_t.flatten(0, 1), t, batch["boxes"].repeat(S, 1, 1), batch["instance_mask"].repeat(S, 1))
+    loss = (values - reward.repeat(S)).pow(2).mean()
+    critic_optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if dist_ctx.ddp:
+        for p in critic.parameters():
+            dist.all_reduce(p.grad)
+            p.grad /= dist_ctx.world
+    critic_optimizer.step()
+    return values.detach().view(S, B), loss.item()
+
+
+def policy_update(trajectory, batch, advantages, weight, steps):
+    """The clipped objective + KL over the trained steps, in `minibatches` optimizer steps.
+    advantages (S, B) per trained step, weight (B,) 1 for rows that train, 0 for skipped ones.
+    -> the log's statistics, averaged."""
+    stats = {"kl": 0.0, "clip_frac": 0.0, "approx_kl": 0.0, "policy_loss": 0.0}
+    per_minibatch = samples_per_rank // minibatches
+    n_terms = minibatches * len(steps)
+    for m in range(minibatches):
+        rows = slice(m * per_minibatch, (m + 1) * per_minibatch)
+        sub = {k: v[rows] for k, v in batch.items()}
+        w = weight[rows]
+        denominator = w.sum().clamp(min=1)
+        for i, s in enumerate(steps):
+            t, t_next = float(trajectory["t"][s]), float(trajectory["t_next"][s])
+            x_t, x_next = trajectory["x_t"][s][rows], trajectory["x_next"][s][rows]
+            if dist_ctx.ddp:  # gradients are all-reduced with the last step's backward (nanoGPT)
+                train_model.require_backward_grad_sync = i == len(steps) - 1
+            out = sampler.policy_step(train_model, sub, x_t, t, t_next, cfg_scale, sde_a, prev_sample=x_next)
+            with torch.no_grad():
+                ref = sampler.policy_step(reference, sub, x_t, t, t_next, cfg_scale, sde_a, prev_sample=x_next)
+            kl = sampler.gaussian_step_kl(out.mean, ref.mean, out.std)
+            policy_loss, step_stats = rewards.clipped_policy_loss(out.log_prob, trajectory["log_prob"][s][rows],
+                                                                  advantages[i][rows], clip_range)
+            loss = ((policy_loss + kl_weight * kl) * w).sum() / denominator / len(steps)
+            loss.backward()
+            stats["kl"] += (kl * w).sum().item() / denominator.item() / n_terms
+            stats["policy_loss"] += (policy_loss * w).sum().item() / denominator.item() / n_terms
+            stats["clip_frac"] += step_stats["clip_frac"] / n_terms
+            stats["approx_kl"] += step_stats["approx_kl"] / n_terms
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return stats
+
+
+def ground_generated_images(images, batch, reward):
+    """Generated images whose reward reaches ground_threshold train the grounding head, their layouts
+    as targets (clean images, t = 0). Every rank runs it (DDP), a rank without such images with no
+    targets. -> (the loss, the number of images used)."""
+    use = reward >= ground_threshold
+    B = images.shape[0]
+    task = torch.ones(B, dtype=torch.long, device=dev)
+    with runtime.autocast(dev):
+        _, grounding = train_model(images.detach(), torch.zeros(B, device=dev), batch["caption_ids"],
+                                   batch["phrase_ids"], batch["boxes"], batch["instance_mask"], task)
+    loss = criterion(grounding, batch["boxes"], batch["phrase_ids"], batch["instance_mask"] & use[:, None])["loss"]
+    (ground_weight * loss).backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item(), int(use.sum())
+
+
+def rl_update(update):
+    """Sample, reward, advantages, the policy steps (and the critic's, the head's) of one update."""
+    scenes, batch = draw_layouts(update)
+    sde_generator = runtime.step_generator(seed + 7919 * (dist_ctx.rank + 1), update, dev)
+    # sampled in the minibatches that policy_update will score, so that the first one's ratio is
+    # exactly 1 (a matmul over another batch size may round differently)
+    noise, per_minibatch = draw_noise(update), samples_per_rank // minibatches
+    parts = [sampler.sample_sde(model, {k: v[m * per_minibatch:(m + 1) * per_minibatch] for k, v in batch.items()},
+                                noise[m * per_minibatch:(m + 1) * per_minibatch], sample_steps, cfg_scale, shift,
+                                sde_a, sde_generator, sde_window) for m in range(minibatches)]
+    trajectory = {"x0": torch.cat([p["x0"] for p in parts]),  # (B, C, R, R); the steps' records are (S, B, ...)
+                  **{k: torch.cat([p[k] for p in parts], dim=1) for k in ("x_t", "x_next", "log_prob")},
+                  **{k: parts[0][k] for k in ("t", "t_next", "step")}}
+    if reward_kind == "brightness":
+        brightness = rewards.brightness_reward(trajectory["x0"], batch["boxes"], batch["instance_mask"])
+        scored = {"reward": brightness, "iou": torch.zeros_like(brightness), "confidence": torch.zeros_like(brightness)}
+    else:
+        with runtime.autocast(dev):
+            scored = rewards.layout_reward(grounder, trajectory["x0"], batch)
+    reward = scored["reward"].float()
+    steps = trained_steps(update, len(trajectory["step"]))
+    record = {}
+    if algo == "grpo":
+        advantages = rewards.group_advantages(reward, group_size, adv_eps, adv_clip)
+        # a group whose samples all scored the same carries no signal: it is skipped
+        weight = (reward.view(-1, group_size).std(1) > 0).float().repeat_interleave(group_size)
+        advantages = advantages[None].expand(len(steps), -1)
+    else:
+        values, record["critic_loss"] = train_critic(trajectory, batch, reward, steps)
+        advantages = rewards.critic_advantages(reward, values, normalize=False)  # (S, B)
+        everyone = gather(advantages.flatten())  # normalized over the gathered batch, as one rank would
+        advantages = ((advantages - everyone.mean()) / (everyone.std(unbiased=False) + adv_eps)).clamp(-adv_clip, adv_clip)
+        weight = torch.ones_like(reward)
+    record.update(policy_update(trajectory, batch, advantages, weight, steps))
+    if ground_generated:
+        record["ground_loss"], n_used = ground_generated_images(trajectory["x0"], batch, reward)
+        record["ground_images"] = dist_ctx.all_reduce_mean(n_used) * dist_ctx.world
+    all_rewards = gather(reward)
+    record.update(reward=all_rewards.mean().item(),
+                  reward_std_in_group=all_rewards.view(-1, group_size).std(1, unbiased=False).mean().item(),
+                  reward_iou=dist_ctx.all_reduce_mean(scored["iou"].mean().item()),
+                  reward_conf=dist_ctx.all_reduce_mean(scored["confidence"].mean().item()),
+                  skipped_groups=dist_ctx.all_reduce_mean(1 - weight.mean().item()))
+    for key in ("kl", "clip_frac", "approx_kl", "policy_loss", "critic_loss", "ground_loss"):
+        if key in record:
+            record[key] = dist_ctx.all_reduce_mean(record[key])
+    return record, trajectory["x0"], scenes
+
+
+def evaluate(update):
+    """The EMA model on the fixed validation set (rank 0): checker figures, grounding, a sample grid."""
+    grid = os.path.join(out_dir, "samples", f"update{update:06d}.png")
+    os.makedirs(os.path.dirname(grid), exist_ok=True)
+    ema.eval()
+    metrics = evaluation.evaluate(ema, val_set, tokenizer, sample_steps, cfg_scale, shift, grid_path=grid)
+    log.write({"step": update, "eval": metrics})
+    tqdm.write(f"update {update}: val {evaluation.summary(metrics)} -> {grid}")
+
+
+def save(update):
+    runtime.save_checkpoint(ckpt_path, model, ema, optimizer, tokenizer, config, update)
+    if critic is not None:
+        tmp = os.path.join(ckpt_path, "critic.pt.tmp")
+        torch.save({"critic": critic.state_dict(), "optimizer": critic_optimizer.state_dict()}, tmp)
+        os.replace(tmp, os.path.join(ckpt_path, "critic.pt"))
+
+
+if dist_ctx.master and step == 0 and val_scenes:
+    evaluate(0)  # the starting point, for the before / after comparison
+progress = tqdm(total=max_steps, initial=step, disable=not dist_ctx.master, desc=f"cycle-rl {algo}")
+window_start = time.perf_counter()
+while step < max_steps:
+    if reward_model is not None and step % reward_refresh == 0:
+        reward_model.load_state_dict(model.state_dict())  # the frozen own-head grounder, refreshed
+    step_lr = runtime.learning_rate(step, lr, min_lr, warmup_steps, lr_decay_steps, schedule)
+    for group in optimizer.param_groups:
+        group["lr"] = step_lr
+    record, images, scenes = rl_update(step)
+    runtime.update_ema(ema, model, ema_decay, step)
+    step += 1
+    progress.update(1)
+    progress.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{record['kl']:.2e}")
+    if step % log_interval == 0 or step == max_steps:
+        log.write({"step": step, **record, "lr": step_lr, "seconds": time.perf_counter() - window_start})
+        window_start = time.perf_counter()
+    if dist_ctx.master and val_scenes and ((eval_interval and step % eval_interval == 0) or step == max_steps):
+        evaluate(step)
+        # the policy's own samples of this update, one row per group, the asked boxes drawn over them
+        rows = [[data.draw_boxes(image, scene) for image in sampler.to_uint8(images[i * group_size:(i + 1) * group_size])]
+                for i, scene in enumerate(scenes)]
+        data.save_grid(os.path.join(out_dir, "samples", f"update{step:06d}_groups.png"), rows)
+    if dist_ctx.master and ((ckpt_interval and step % ckpt_interval == 0) or step == max_steps):
+        save(step)
+progress.close()
+if dist_ctx.master:
+    print(f"done: checkpoint {ckpt_path}, log {log.path}")
+dist_ctx.barrier()  # no rank leaves the process group while rank 0 still writes the checkpoint
+dist_ctx.close()
