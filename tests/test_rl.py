@@ -307,19 +307,20 @@ def cycle_rl(ckpt, out, *extra):
 
 
 def test_grpo_updates_raise_an_analytic_reward(pmtp_ckpt, tmp_path):
-    """Mean brightness inside the boxes: the same layouts and noise with lr = 0 are the control."""
+    """Mean brightness inside the boxes: the same layouts and noise with lr = 0 are the control. 64 samples
+    per update: with 16 the gradient estimate was too noisy for the reward to rise reliably in 15 updates."""
     curves = {}
-    for lr in (0.0, 1e-2):
+    for lr in (0.0, 3e-3):
         log = cycle_rl(pmtp_ckpt, tmp_path / f"lr{lr}", "--reward_kind=brightness", "--ground_generated=False",
-                       "--layouts_per_update=4", "--minibatches=1", "--kl_weight=0", "--max_steps=15",
+                       "--layouts_per_update=8", "--group_size=8", "--minibatches=1", "--kl_weight=0", "--max_steps=15",
                        "--ckpt_interval=0", f"--lr={lr}", f"--min_lr={lr}")
         curves[lr] = np.array([r["reward"] for r in log])
         # one minibatch per update: the policy is scored exactly as it sampled, so the ratio is 1
         assert all(r["approx_kl"] == 0.0 and r["clip_frac"] == 0.0 for r in log)
     assert len(curves[0.0]) == 15
-    np.testing.assert_allclose(curves[0.0][0], curves[1e-2][0], rtol=1e-6)  # the same start
-    gain = curves[1e-2][-5:].mean() - curves[0.0][-5:].mean()
-    assert gain > 0.015, (curves, gain)
+    np.testing.assert_allclose(curves[0.0][0], curves[3e-3][0], rtol=1e-6)  # the same start
+    gain = curves[3e-3][-5:].mean() - curves[0.0][-5:].mean()
+    assert gain > 0.03, (curves, gain)
 
 
 @pytest.mark.parametrize("algo", ["grpo", "ppo"])
