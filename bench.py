@@ -38,6 +38,7 @@ text_depth = 2
 max_instances = 8
 ground_every = 4  # PMTP as in train_pretrain.py; 0 = the generation-only step
 ground_depth = 2
+idm = False  # IDM in every block, L_dis in the loss (model.IDM)
 batch_size = 32
 lr = 1e-3
 device = "auto"
@@ -88,7 +89,7 @@ def main():
     config = ModelConfig(res=res, patch=patch, dim=dim, depth=depth, heads=heads, text_depth=text_depth,
                          vocab_size=tokenizer.get_vocab_size(), max_instances=max_instances,
                          max_caption_len=data.MAX_CAPTION_LEN, max_phrase_len=data.MAX_PHRASE_LEN,
-                         grounding=ground_every > 0, ground_depth=ground_depth)
+                         grounding=ground_every > 0, ground_depth=ground_depth, idm=idm)
     model = EchoGen(config).to(dev)
     criterion = detector.GroundingCriterion() if ground_every else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, fused=dev.type == "cuda")
@@ -103,7 +104,7 @@ def main():
         task, t, drop = (x.to(dev) for x in sample_pmtp_draws(batch_size, ground_every, 0.5, 0.5, 0.1, g))
         noise = torch.randn(batch_size, 3, res, res, device=dev)
         with runtime.autocast(dev):
-            return pmtp_loss(model, criterion, batch, task, t, noise, drop, 1.0)[0]
+            return pmtp_loss(model, criterion, batch, task, t, noise, drop, 1.0, 1.0 if idm else None)[0]
 
     flops = training_flops_per_step(step_loss)
     model.zero_grad(set_to_none=True)
@@ -139,7 +140,7 @@ def main():
     print(json.dumps({
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu x {torch.get_num_threads()} threads",
         "res": res, "params_M": round(model.num_params() / 1e6, 2), "batch_size": batch_size, "compile": compile,
-        "ground_every": ground_every,
+        "ground_every": ground_every, "idm": idm,
         "train_steps_per_s": round(steps / step_seconds, 3),
         "train_images_per_s": round(steps * batch_size / step_seconds, 1),
         "data_wait_share": round(data_seconds / step_seconds, 4),

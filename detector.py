@@ -26,6 +26,9 @@ the image) gets target 0 and no box loss.
 Train the standalone judge on true renders (R = 64, 3000 steps; each rank draws its own data):
     python detector.py train
     torchrun --standalone --nproc_per_node=8 detector.py train --batch_size=32 --compile=True
+On real data, the judge of layout-to-image (eval.py --judge): trained on the real training images only,
+with the same data-set spec (hence the same cached tokenizer) as the generator:
+    python detector.py train --dataset=coco:INSTANCES.json:IMAGE_DIR[:CAPTIONS.json] --out_dir=out/coco_judge
 A short CPU run (the default model at R = 64; with OMP_NUM_THREADS=1 on a 2-core machine it took 5 min
 and reached val Acc@0.5 0.92, mIoU 0.78, AP 0.66 on the 64 validation scenes):
     python detector.py train --max_steps=600 --lr_decay_steps=600 --warmup_steps=100 --cache_scenes=5000 \
@@ -516,7 +519,9 @@ TRAIN_CONFIG = dict(
     log_interval=10,  # steps between JSONL log lines
     eval_interval=500,  # steps between validation figures (0 = only at the end)
     ckpt_interval=500,  # steps between checkpoints (always one at the end)
-    # data: the pre-rendered ShapeScenes cache (true renders only) and a fixed validation set
+    # data: the pre-rendered ShapeScenes cache (true renders only) and a fixed validation set, or a real
+    # data set's training images and its held-out ones (the judge of layout-to-image on real data)
+    dataset="shapescenes",  # or coco:INSTANCES.json:IMAGE_DIR[:CAPTIONS.json][:key=value ...] (data.DATASET_HELP)
     data_dir="data",
     res=64,
     cache_scenes=20000,
@@ -563,16 +568,10 @@ def train(argv):
     ckpt_path = os.path.join(cfg.out_dir, "ckpt")
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
 
-    # data: rank 0 renders the cache once; the others wait and then read it
-    tokenizer = data.build_tokenizer()
-    if dist_ctx.master:
-        data.load_or_prepare_cache(cfg.res, cfg.cache_scenes, cfg.data_seed, max_instances=cfg.max_instances,
-                                   data_dir=cfg.data_dir)
-    dist_ctx.barrier()
-    cache = data.load_or_prepare_cache(cfg.res, cfg.cache_scenes, cfg.data_seed, max_instances=cfg.max_instances,
-                                       data_dir=cfg.data_dir)
-    val_set = data.make_scene_set("val", cfg.val_scenes, seed=0)
-    val_images = [data.render_scene(scene, cfg.res) for scene in val_set]
+    # data: rank 0 renders the cache (on real data: reads the images, trains the tokenizer) once; the others wait and read it
+    cache, tokenizer, val_set = data.load_dataset_on_ranks(dist_ctx, cfg.dataset, cfg.res, cfg.max_instances, cfg.data_dir,
+                                                           cfg.cache_scenes, cfg.data_seed, cfg.val_scenes)
+    val_images = data.scene_images(val_set, cfg.res)
 
     # model, EMA, criterion, optimizer
     model_config = DetectorConfig(res=cfg.res, backbone=cfg.backbone, feature_level=cfg.feature_level, dim=cfg.dim,

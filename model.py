@@ -5,7 +5,7 @@ rectified-flow velocity v = eps - x0 (DESIGN.md, "The model").
 
 Built bottom-up, one screen per class, as nanoGPT's model.py is:
   RMSNorm, modulate, sinusoidal/Fourier embeddings  ->  TextEncoder  ->  LayoutEmbedding
-  ->  MMDiTBlock (two streams, one joint attention)  ->  FinalLayer  ->  ModelConfig, EchoGen.
+  ->  IDM (CAS, L_dis)  ->  MMDiTBlock (two streams, one joint attention)  ->  FinalLayer  ->  ModelConfig, EchoGen.
 
 Two streams, as in SD3: the image stream (patch tokens) and the condition stream (caption
 tokens followed by layout tokens). Each stream has its own weights; both meet in one
@@ -186,33 +186,135 @@ class StreamWeights(nn.Module):
         return x + gate_m.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_m, scale_m))
 
 
-def joint_attention(qkv_streams, attn_mask):
+def joint_attention(qkv_streams, attn_mask, probe=None):
     """Concatenate the streams' q, k, v along the sequence, one fused attention call, split back.
     qkv_streams: list of (q, k, v), each (B, H, L_i, Dh); attn_mask: bool, broadcastable to
-    (B, H, L, L) with L = sum L_i, True = may attend. Returns a list of (B, L_i, H*Dh)."""
+    (B, H, L, L) with L = sum L_i, True = may attend. Returns a list of (B, L_i, H*Dh).
+    probe (L, M), one-hot columns that each pick a key, or None: with a probe, also returns every
+    query's attention weights on the picked keys, (B, H, L, M). The probe rides along as M extra
+    value channels (sum_k A[q, k] onehot_m[k] = A[q, key m]), so the weights come out of the same
+    fused kernel, exactly normalized over all keys, without materializing the (L, L) softmax."""
     q, k, v = (torch.cat(parts, dim=2) for parts in zip(*qkv_streams))
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, H, L, Dh)
+    Dh = v.shape[-1]
+    if probe is not None:
+        v = torch.cat([v, probe.to(v.dtype).expand(*v.shape[:2], -1, -1)], dim=-1)  # (B, H, L, Dh + M)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, H, L, Dh [+ M])
+    if probe is not None:
+        out, weights = out[..., :Dh], out[..., Dh:]  # (B, H, L, Dh), (B, H, L, M)
     out = out.transpose(1, 2).flatten(2)  # (B, L, H*Dh)
-    return list(out.split([s[0].shape[2] for s in qkv_streams], dim=1))
+    outs = list(out.split([s[0].shape[2] for s in qkv_streams], dim=1))
+    return outs if probe is None else (outs, weights)
+
+
+# -----------------------------------------------------------------------------
+# IDM, the instance-disentangled module (I-DRUID, DESIGN.md "The model"), in MM-DiT form
+#
+# I-DRUID's U-Net has one cross-attention per instance; here one joint attention mixes everything,
+# so an instance's "enhanced features" are what its layout token adds to the image tokens in that
+# attention: E_n = A[:, :, :, n] V_n, the image queries' weight on layout key n times its value,
+# (B, H, P, 1) x (B, H, 1, Dh) -> (B, H, P, Dh), read as (B, P, D) with the heads side by side as
+# in the attention output before the projection (so alpha's D channels are the heads' value
+# channels). The fused attention already adds sum_n E_n; IDM adds sum_n (2 alpha_n - 1) E_n, so an
+# instance enters as 2 R+ = 2 alpha_n E_n in place of E_n. The 2 makes a fresh IDM the identity
+# (alpha = 1/2 from the zero-initialized last layer); it is a constant the projection absorbs, so
+# the split R+ = alpha E, R- = (1 - alpha) E is I-DRUID's. E_n itself, (B, H, P, N, Dh), is never
+# materialized: V_n is one vector per head, so all IDM needs factorizes into A (B, H, P, N) and
+# the values (B, H, N, Dh).
+
+
+def patch_box_coverage(boxes, grid):
+    """The share of each patch covered by each box: boxes (B, N, 4) xyxy in [0, 1] -> (B, N, grid*grid)
+    in [0, 1], patches row-major as patch_embed flattens them. Soft, so that a box narrower than a
+    patch still owns the patches it touches."""
+    edges = torch.arange(grid + 1, device=boxes.device, dtype=torch.float32) / grid
+
+    def overlap(lo, hi):  # (B, N) -> (B, N, grid): the covered share of each row (or column) of patches
+        return (torch.minimum(hi[..., None], edges[1:]) - torch.maximum(lo[..., None], edges[:-1])).clamp(min=0) * grid
+
+    x0, y0, x1, y1 = boxes.float().unbind(-1)
+    return (overlap(y0, y1)[..., :, None] * overlap(x0, x1)[..., None, :]).flatten(-2)  # (B, N, g, g) -> (B, N, P)
+
+
+def cas(mass, box_mask, eps=1e-6):
+    """CAS, how far an instance's map spreads outside its box: the share of its mass lying outside.
+    mass (B, N, P) >= 0 (|R| summed over channels), box_mask (B, N, P) in [0, 1] -> (B, N) in [0, 1],
+    0 when all the mass is inside the box, 1 when all of it is outside."""
+    mass = mass.float()
+    return (mass * (1 - box_mask)).sum(-1) / (mass.sum(-1) + eps)
+
+
+def disentangle_loss(mass_relevant, mass_spurious, box_mask, active):
+    """I-DRUID's L_dis = softplus(CAS(R+) - CAS(R-)), the mean over the active instances (B, N) bool
+    (0 when there are none, without a data-dependent branch, so torch.compile keeps one graph)."""
+    per_instance = F.softplus(cas(mass_relevant, box_mask) - cas(mass_spurious, box_mask))  # (B, N)
+    weight = active.float()
+    return (per_instance * weight).sum() / weight.sum().clamp(min=1)
+
+
+class IDM(nn.Module):
+    """Per instance, channel weights alpha_n = sigmoid(MLP([E_n pooled inside its box, layout token n])),
+    (B, N, D); the section comment says what E_n is and why the forward pass adds (2 alpha - 1) E_n."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.alpha = MLP(2 * dim, dim, dim)  # fc2 zero-initialized (EchoGen._init_weights): alpha = 1/2
+
+    def forward(self, layout_tokens, attn, v_layout, box_mask, active):
+        """layout_tokens (B, N, D): the layout tokens entering the block; attn (B, H, P, N): the image
+        queries' attention weights on the layout keys; v_layout (B, H, N, Dh): those keys' values;
+        box_mask (B, N, P); active (B, N) bool: the instances whose layout the image reads (not
+        padding, not dropped for CFG, not in a grounding row).
+        -> (B, P, D) to add to the image stream's attention output, L_dis (a scalar)."""
+        B, H, P, N = attn.shape
+        inside = box_mask / box_mask.sum(-1, keepdim=True).clamp(min=1e-6)  # (B, N, P): a mean over the box
+        attn_inside = torch.einsum("bhpn,bnp->bhn", attn, inside.to(attn.dtype))  # (B, H, N)
+        pooled = (attn_inside.unsqueeze(-1) * v_layout).transpose(1, 2).flatten(2)  # E_n's mean in its box (B, N, D)
+        D = pooled.shape[-1]
+        features = torch.cat([F.layer_norm(pooled, (D,)), F.layer_norm(layout_tokens, (D,))], dim=-1)  # (B, N, 2D)
+        alpha = torch.sigmoid(self.alpha(features)).view(B, N, H, -1).transpose(1, 2)  # (B, H, N, Dh)
+        gain = active[:, None, :, None].to(alpha.dtype) * (2 * alpha - 1)  # 0 = the plain contribution
+        added = (attn @ (gain * v_layout)).transpose(1, 2).flatten(2)  # sum_n (2 alpha_n - 1) E_n (B, P, D)
+        # |R+_n| and |R-_n| summed over channels at each patch: sum_h A[h, p, n] sum_d alpha |V_n[h, d]|
+        v_abs = v_layout.abs()
+        mass_relevant = torch.einsum("bhpn,bhn->bnp", attn, (alpha * v_abs).sum(-1))  # (B, N, P)
+        mass_spurious = torch.einsum("bhpn,bhn->bnp", attn, ((1 - alpha) * v_abs).sum(-1))  # (B, N, P)
+        return added, disentangle_loss(mass_relevant, mass_spurious, box_mask, active)
 
 
 class MMDiTBlock(nn.Module):
     """cond_pre_only: in the last block nothing reads the condition stream's output, so (as in SD3)
-    it only lends its keys and values; unused weights would also break DDP's gradient reduction."""
+    it only lends its keys and values; unused weights would also break DDP's gradient reduction.
+    idm: the block holds an IDM (ModelConfig.idm)."""
 
-    def __init__(self, dim, heads, mlp_ratio, cond_pre_only=False):
+    def __init__(self, dim, heads, mlp_ratio, cond_pre_only=False, idm=False):
         super().__init__()
         self.cond_stream = StreamWeights(dim, heads, mlp_ratio, pre_only=cond_pre_only)
         self.image_stream = StreamWeights(dim, heads, mlp_ratio)
+        self.idm = IDM(dim) if idm else None
 
-    def forward(self, cond_tokens, image_tokens, c, attn_mask):
-        """-> (cond_tokens, image_tokens); cond_tokens is None from a pre-only block."""
+    def forward(self, cond_tokens, image_tokens, c, attn_mask, idm_inputs=None):
+        """-> (cond_tokens, image_tokens); cond_tokens is None from a pre-only block.
+        idm_inputs (for a block with IDM; EchoGen.run_blocks makes them): {"probe": (L, M) one-hot
+        columns of the layout keys (joint_attention), "box_mask": (B, N, P), "active": (B, N)}
+        -> (cond_tokens, image_tokens, L_dis of this block)."""
         cond_qkv, cond_mod = self.cond_stream.pre_attention(cond_tokens, c)
         image_qkv, image_mod = self.image_stream.pre_attention(image_tokens, c)
-        cond_out, image_out = joint_attention([cond_qkv, image_qkv], attn_mask)
+        if idm_inputs is None:
+            cond_out, image_out = joint_attention([cond_qkv, image_qkv], attn_mask)
+        else:
+            (cond_out, image_out), weights = joint_attention([cond_qkv, image_qkv], attn_mask, idm_inputs["probe"])
+            P, N = image_tokens.shape[1], idm_inputs["box_mask"].shape[1]
+            # the layout tokens picked by the probe's columns, not sliced: their offset is the caption's
+            # length, which changes from batch to batch and would recompile a torch.compile'd block
+            select = idm_inputs["probe"][:cond_tokens.shape[1], :N]  # (L_cond, N)
+            layout_tokens = torch.einsum("bld,ln->bnd", cond_tokens, select)  # (B, N, D)
+            v_layout = torch.einsum("bhld,ln->bhnd", cond_qkv[2], select.to(cond_qkv[2].dtype))  # (B, H, N, Dh)
+            added, idm_loss = self.idm(layout_tokens, weights[:, :, -P:, :N], v_layout, idm_inputs["box_mask"],
+                                       idm_inputs["active"])  # the image queries' rows of the weights
+            image_out = image_out + added
         cond_tokens = None if self.cond_stream.pre_only else self.cond_stream.post_attention(cond_tokens, cond_out, cond_mod)
         image_tokens = self.image_stream.post_attention(image_tokens, image_out, image_mod)
-        return cond_tokens, image_tokens
+        return (cond_tokens, image_tokens) if idm_inputs is None else (cond_tokens, image_tokens, idm_loss)
 
 
 class FinalLayer(nn.Module):
@@ -272,6 +374,7 @@ class ModelConfig:
     fourier_freqs: int = 8
     grounding: bool = True  # the grounding head and the task embedding; False = the generation-only model
     ground_depth: int = 2  # decoder layers of the grounding head
+    idm: bool = False  # I-DRUID's IDM in every block (and L_dis on request); False = the plain model
 
 
 class EchoGen(nn.Module):
@@ -291,7 +394,8 @@ class EchoGen(nn.Module):
         self.caption_embed = nn.Sequential(nn.Linear(D, D), nn.SiLU(), nn.Linear(D, D))
         # without grounding nothing reads the condition stream after the last block (see MMDiTBlock)
         self.blocks = nn.ModuleList(
-            MMDiTBlock(D, config.heads, config.mlp_ratio, cond_pre_only=i == config.depth - 1 and not config.grounding)
+            MMDiTBlock(D, config.heads, config.mlp_ratio, cond_pre_only=i == config.depth - 1 and not config.grounding,
+                       idm=config.idm)
             for i in range(config.depth))
         self.final = FinalLayer(D, config.patch, config.channels)
         if config.grounding:
@@ -312,6 +416,9 @@ class EchoGen(nn.Module):
             for stream in (block.cond_stream, block.image_stream):
                 nn.init.zeros_(stream.adaLN[-1].weight)
                 nn.init.zeros_(stream.adaLN[-1].bias)
+            if block.idm is not None:  # alpha = 1/2: a fresh IDM block computes what the plain one does
+                nn.init.zeros_(block.idm.alpha.fc2.weight)
+                nn.init.zeros_(block.idm.alpha.fc2.bias)
         for layer in (self.final.adaLN[-1], self.final.linear):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
@@ -347,7 +454,7 @@ class EchoGen(nn.Module):
         if task is not None:
             tokens.append(self.layout(phrase_pooled, None, instance_mask))  # the grounding queries
         return {"tokens": torch.cat(tokens, dim=1), "pooled": caption_pooled, "caption_mask": caption_mask,
-                "instance_mask": instance_mask, "task": task}
+                "instance_mask": instance_mask, "task": task, "boxes": boxes}
 
     @staticmethod
     def drop_conditions(caption_ids, instance_mask, drop):
@@ -359,8 +466,26 @@ class EchoGen(nn.Module):
 
     # --- the transformer
 
+    def idm_inputs(self, cond, n_image):
+        """What the IDM of every block reads besides the tokens (MMDiTBlock.forward), made once per pass:
+        the probe (L, M) whose column n picks layout key n, the boxes' patch coverage (B, N, P) and
+        the active instances (B, N): real, not dropped, and in a generation row (the image of a
+        grounding row cannot see the layout tokens, so it has no instance contributions to split)."""
+        caption_mask, instance_mask, task = cond["caption_mask"], cond["instance_mask"], cond["task"]
+        (B, N), Lc, device = instance_mask.shape, caption_mask.shape[1], instance_mask.device
+        # M = N rounded up to a multiple of 8: the probe extends the values' head size, and the fused
+        # attention kernels want head sizes aligned to 8
+        probe = torch.zeros(cond["tokens"].shape[1] + n_image, -(-N // 8) * 8, device=device)
+        probe[Lc + torch.arange(N, device=device), torch.arange(N, device=device)] = 1  # [caption | layout | ...]
+        boxes = cond["boxes"]
+        box_mask = (patch_box_coverage(boxes, self.grid) if boxes is not None
+                    else torch.zeros(B, N, n_image, device=device))  # ground(): no boxes, no active instance
+        active = instance_mask if task is None else instance_mask & (task != 1)[:, None]
+        return {"probe": probe, "box_mask": box_mask, "active": active}
+
     def run_blocks(self, x_t, t, cond):
-        """x_t (B, C, R, R), t (B,) in [0, 1] -> image tokens (B, P, D), query tokens (B, N, D) or None, c (B, D)."""
+        """x_t (B, C, R, R), t (B,) in [0, 1] -> image tokens (B, P, D), query tokens (B, N, D) or None, c (B, D),
+        and L_dis averaged over the blocks (a scalar) or None without IDM."""
         B, P = x_t.shape[0], self.grid ** 2
         image_tokens = self.patch_embed(x_t).flatten(2).transpose(1, 2) + self.pos_embed  # (B, P, D)
         c = self.t_embed(timestep_embedding(t, 256).to(x_t.dtype)) + self.caption_embed(cond["pooled"])
@@ -373,11 +498,17 @@ class EchoGen(nn.Module):
             attn_mask = torch.cat([cond["caption_mask"], keys], dim=1)[:, None, None, :]  # (B, 1, 1, L)
         else:
             attn_mask = task_attention_mask(cond["caption_mask"], cond["instance_mask"], task, N, P)
-        cond_tokens = cond["tokens"]
+        cond_tokens, idm_inputs, idm_losses = cond["tokens"], None, []
+        if self.config.idm:
+            idm_inputs = self.idm_inputs(cond, P)
         for block in self.blocks:
-            cond_tokens, image_tokens = block(cond_tokens, image_tokens, c, attn_mask)
+            if idm_inputs is None:
+                cond_tokens, image_tokens = block(cond_tokens, image_tokens, c, attn_mask)
+            else:
+                cond_tokens, image_tokens, idm_loss = block(cond_tokens, image_tokens, c, attn_mask, idm_inputs)
+                idm_losses.append(idm_loss)
         queries = cond_tokens[:, -N:] if task is not None else None
-        return image_tokens, queries, c
+        return image_tokens, queries, c, torch.stack(idm_losses).mean() if idm_losses else None
 
     def unpatchify(self, patches):
         """(B, g*g, p*p*C) -> (B, C, R, R)"""
@@ -387,26 +518,30 @@ class EchoGen(nn.Module):
 
     def velocity(self, x_t, t, cond):
         """The generation path alone (the sampler's): v (B, C, R, R)."""
-        image_tokens, _, c = self.run_blocks(x_t, t, cond)
+        image_tokens, _, c, _ = self.run_blocks(x_t, t, cond)
         return self.unpatchify(self.final(image_tokens, c))
 
-    def forward(self, x_t, t, caption_ids, phrase_ids, boxes, instance_mask, task=None):
+    def forward(self, x_t, t, caption_ids, phrase_ids, boxes, instance_mask, task=None, return_idm=False):
         """Both tasks in one pass (PMTP). task None: -> v. task (B,) of 0 / 1: -> (v, grounding), where
         grounding is the head's {"boxes": (L, B, N, 4) cxcywh, "logits": (L, B, N)} for every row
-        (only rows of task 1 mean anything)."""
+        (only rows of task 1 mean anything). return_idm: L_dis follows as the last output, a scalar
+        tensor, the mean over the blocks of each one's mean over the active instances (0 without IDM):
+        -> (v, L_dis) or (v, grounding, L_dis). An output, not an attribute, so that DDP's wrapper
+        passes it and a later call (ground) cannot overwrite it."""
         cond = self.encode_conditions(caption_ids, phrase_ids, boxes, instance_mask, task)
-        image_tokens, queries, c = self.run_blocks(x_t, t, cond)
+        image_tokens, queries, c, idm_loss = self.run_blocks(x_t, t, cond)
         v = self.unpatchify(self.final(image_tokens, c))
-        if task is None:
-            return v
-        return v, self.grounding_head(image_tokens, queries, instance_mask)
+        outputs = [v] if task is None else [v, self.grounding_head(image_tokens, queries, instance_mask)]
+        if return_idm:
+            outputs.append(idm_loss if idm_loss is not None else torch.zeros((), device=v.device))
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
     def ground(self, images, caption_ids, phrase_ids, instance_mask):
         """Grounding of clean images (t = 0): images (B, C, R, R) in [-1, 1] -> the head's outputs."""
         B = images.shape[0]
         task = torch.ones(B, dtype=torch.long, device=images.device)
         cond = self.encode_conditions(caption_ids, phrase_ids, None, instance_mask, task)
-        image_tokens, queries, _ = self.run_blocks(images, torch.zeros(B, device=images.device), cond)
+        image_tokens, queries, _, _ = self.run_blocks(images, torch.zeros(B, device=images.device), cond)
         return self.grounding_head(image_tokens, queries, instance_mask)
 
 
@@ -470,15 +605,31 @@ def pmtp_terms(criterion, v, grounding, batch, task, t, noise, instance_mask, gr
     return generation + ground_weight * ground["loss"], parts
 
 
-def pmtp_loss(model, criterion, batch, task, t, noise, drop, ground_weight):
-    """The summed stage-1 loss of a batch and its parts for the log. criterion None: generation only."""
+def idm_request(idm_weight):
+    """The forward's keyword arguments: L_dis is asked for only when it is weighed (a model with IDM)."""
+    return {} if idm_weight is None else {"return_idm": True}
+
+
+def add_idm_term(loss, parts, idm_loss, idm_weight):
+    """loss + idm_weight * L_dis, with L_dis in the log's parts as "idm"; unchanged without IDM (None)."""
+    if idm_weight is None:
+        return loss, parts
+    return loss + idm_weight * idm_loss, {**parts, "idm": idm_loss.item()}
+
+
+def pmtp_loss(model, criterion, batch, task, t, noise, drop, ground_weight, idm_weight=None):
+    """The summed stage-1 loss of a batch and its parts for the log. criterion None: generation only.
+    idm_weight: None for a model without IDM; else the weight of L_dis (DESIGN.md, IDM) in the sum."""
     x_t, caption_ids, instance_mask = pmtp_inputs(batch, task, t, noise, drop)
+    inputs = (x_t, t, caption_ids, batch["phrase_ids"], batch["boxes"], instance_mask)
     if criterion is None:
-        generation = flow_loss(model(x_t, t, caption_ids, batch["phrase_ids"], batch["boxes"], instance_mask),
-                               batch["images"], noise)
-        return generation, {"flow": generation.item()}
-    v, grounding = model(x_t, t, caption_ids, batch["phrase_ids"], batch["boxes"], instance_mask, task)
-    return pmtp_terms(criterion, v, grounding, batch, task, t, noise, instance_mask, ground_weight)
+        outputs = model(*inputs, **idm_request(idm_weight))
+        v, idm_loss = outputs if idm_weight is not None else (outputs, None)
+        generation = flow_loss(v, batch["images"], noise)
+        return add_idm_term(generation, {"flow": generation.item()}, idm_loss, idm_weight)
+    v, grounding, *idm_loss = model(*inputs, task, **idm_request(idm_weight))
+    loss, parts = pmtp_terms(criterion, v, grounding, batch, task, t, noise, instance_mask, ground_weight)
+    return add_idm_term(loss, parts, idm_loss[0] if idm_loss else None, idm_weight)
 
 
 # -----------------------------------------------------------------------------
@@ -499,7 +650,7 @@ def frozen_parameters(model):
 
 
 def djo_loss(model, raw_model, criterion, cycle_criterion, batch, task, t, noise, drop, t_cycle, t_recon,
-             ground_weight, cycle_weight, recon_weight, detach_boxes=True):
+             ground_weight, cycle_weight, recon_weight, detach_boxes=True, idm_weight=None):
     """Stage 1's loss plus DJO's two chains, all rows in ONE forward of `model` (DDP allows one
     forward per backward; raw_model is the same module unwrapped, for the calls outside it).
     - layout -> image -> layout: the generation samples again at low noise t_cycle; the one-step
@@ -507,7 +658,9 @@ def djo_loss(model, raw_model, criterion, cycle_criterion, batch, task, t, noise
       L1 + GIoU against the asked layout reach the generator through x0_hat alone;
     - image -> layout -> image: the grounding samples' real images are grounded, and the predicted
       boxes (detached unless detach_boxes is False) condition the flow loss on those same images at t_recon.
-    -> total, terms: the loss tensors "stage1", "cycle", "recon" and stage 1's parts (floats)."""
+    idm_weight: None for a model without IDM; else L_dis of the packed forward (over the instances of
+    all its generation rows, the reconstruction rows' predicted boxes included) joins the sum.
+    -> total, terms: the loss tensors "stage1", "cycle", "recon" (and "idm") and stage 1's parts (floats)."""
     x0, B = batch["images"], task.shape[0]
     gen, grd = task == 0, task == 1
     x_t, caption_ids, instance_mask = pmtp_inputs(batch, task, t, noise, drop)
@@ -521,12 +674,13 @@ def djo_loss(model, raw_model, criterion, cycle_criterion, batch, task, t, noise
     def rows(full, of_gen, of_grd):  # the packed batch: [stage 1 | cycle | reconstruction]
         return torch.cat([full, of_gen, of_grd])
 
-    v, grounding = model(rows(x_t, cycle_x_t, recon_x_t), rows(t, t_cycle[gen], t_recon[grd]),
-                         rows(caption_ids, batch["caption_ids"][gen], batch["caption_ids"][grd]),
-                         rows(batch["phrase_ids"], batch["phrase_ids"][gen], batch["phrase_ids"][grd]),
-                         rows(batch["boxes"], batch["boxes"][gen], predicted_boxes.to(batch["boxes"].dtype)),
-                         rows(instance_mask, batch["instance_mask"][gen], batch["instance_mask"][grd]),
-                         rows(task, torch.zeros_like(task[gen]), torch.zeros_like(task[grd])))
+    v, grounding, *idm_loss = model(rows(x_t, cycle_x_t, recon_x_t), rows(t, t_cycle[gen], t_recon[grd]),
+                             rows(caption_ids, batch["caption_ids"][gen], batch["caption_ids"][grd]),
+                             rows(batch["phrase_ids"], batch["phrase_ids"][gen], batch["phrase_ids"][grd]),
+                             rows(batch["boxes"], batch["boxes"][gen], predicted_boxes.to(batch["boxes"].dtype)),
+                             rows(instance_mask, batch["instance_mask"][gen], batch["instance_mask"][grd]),
+                             rows(task, torch.zeros_like(task[gen]), torch.zeros_like(task[grd])),
+                             **idm_request(idm_weight))
     n_gen = int(gen.sum())
     stage1, parts = pmtp_terms(criterion, v[:B], {k: g[:, :B] for k, g in grounding.items()}, batch, task, t,
                                noise, instance_mask, ground_weight)
@@ -538,4 +692,8 @@ def djo_loss(model, raw_model, criterion, cycle_criterion, batch, task, t, noise
                             batch["instance_mask"][gen])["loss"]
     recon = flow_loss(v[B + n_gen:], x0[grd], noise[grd])
     terms = {"stage1": stage1, "cycle": cycle, "recon": recon, **parts}
-    return stage1 + cycle_weight * cycle + recon_weight * recon, terms
+    total = stage1 + cycle_weight * cycle + recon_weight * recon
+    if idm_weight is not None:
+        terms["idm"] = idm_loss[0]
+        total = total + idm_weight * idm_loss[0]
+    return total, terms

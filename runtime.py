@@ -219,7 +219,9 @@ def read_checkpoint_config(path):
 
 
 def check_same_model_config(path, saved_model, current):
-    """Refuse to resume a checkpoint made with another model config, naming the first difference."""
+    """Refuse to resume a checkpoint made with another model config, naming the first difference. A
+    field the checkpoint lacks (added since, e.g. idm) has its default, as load_model reads it."""
+    saved_model = {**asdict(type(current)()), **saved_model}
     for key, value in asdict(current).items():
         if saved_model.get(key) != value:
             fail(f"checkpoint '{path}': model config {key} = {saved_model.get(key)!r}, this run has {value!r}")

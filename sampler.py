@@ -81,6 +81,7 @@ class SDEStep(NamedTuple):
     mean: torch.Tensor  # the step's Gaussian mean (B, ...)
     std: torch.Tensor  # its std, one per sample, broadcastable: (B, 1, ...)
     log_prob: Optional[torch.Tensor]  # (B,): the mean over dimensions of log N(sample; mean, std^2); None when std = 0
+    idm_loss: Optional[torch.Tensor] = None  # L_dis of the velocity pass (policy_step with return_idm)
 
 
 def sde_sigma(t, dt, a):
@@ -134,33 +135,41 @@ def gaussian_step_kl(mean, ref_mean, std):
         return ((mean.float() - ref_mean.float()) ** 2 / (2 * std.float() ** 2)).flatten(1).mean(1)
 
 
-def policy_velocity(model, batch, x, t, cfg):
+def policy_velocity(model, batch, x, t, cfg, return_idm=False):
     """The guided velocity as the policy computes it: through the model's forward (so that a DDP
     wrapper sees the call), the conditions encoded anew, both CFG halves in one pass as in
-    conditions_with_null / guided_velocity. t: a float, the time of the whole batch."""
+    conditions_with_null / guided_velocity. t: a float, the time of the whole batch.
+    return_idm (a model with IDM): -> (v, L_dis of the pass); the dropped half has no instances,
+    so L_dis is the conditional half's."""
     B = x.shape[0]
     t_batch = torch.full((B,), t, device=x.device)
+    request = {"return_idm": True} if return_idm else {}
     if cfg == 1.0:
-        return model(x, t_batch, batch["caption_ids"], batch["phrase_ids"], batch["boxes"], batch["instance_mask"])
+        return model(x, t_batch, batch["caption_ids"], batch["phrase_ids"], batch["boxes"], batch["instance_mask"],
+                     **request)
     drop = torch.arange(2 * B, device=x.device) >= B  # (2B,): the second half is dropped
     caption_ids, instance_mask = mmdit.EchoGen.drop_conditions(batch["caption_ids"].repeat(2, 1),
                                                                batch["instance_mask"].repeat(2, 1), drop)
-    v_cond, v_uncond = model(torch.cat([x, x]), torch.cat([t_batch, t_batch]), caption_ids,
-                             batch["phrase_ids"].repeat(2, 1, 1), batch["boxes"].repeat(2, 1, 1),
-                             instance_mask).chunk(2)
-    return v_uncond + cfg * (v_cond - v_uncond)
+    outputs = model(torch.cat([x, x]), torch.cat([t_batch, t_batch]), caption_ids,
+                    batch["phrase_ids"].repeat(2, 1, 1), batch["boxes"].repeat(2, 1, 1), instance_mask, **request)
+    v, idm_loss = outputs if return_idm else (outputs, None)
+    v_cond, v_uncond = v.chunk(2)
+    v = v_uncond + cfg * (v_cond - v_uncond)
+    return (v, idm_loss) if return_idm else v
 
 
-def policy_step(model, batch, x, t, t_next, cfg, a, prev_sample=None, generator=None):
+def policy_step(model, batch, x, t, t_next, cfg, a, prev_sample=None, generator=None, return_idm=False):
     """The policy's step: the guided velocity (under autocast) followed by sde_step_with_logprob.
     sample_sde calls it to draw, the trainer with prev_sample to score a stored transition: one code
     path, hence a ratio of exactly 1 with unchanged parameters, provided the module is in the same
     mode for both (the trainer keeps it in train mode: in eval mode under no_grad,
     nn.TransformerEncoder takes a fused fast path that rounds differently). batch: the collated
-    conditions of the B rows of x; t, t_next: floats."""
+    conditions of the B rows of x; t, t_next: floats. return_idm (a model with IDM): the step
+    carries L_dis of its velocity pass (the velocity is the same either way)."""
     with runtime.autocast(x.device):
-        v = policy_velocity(model, batch, x, t, cfg)
-    return sde_step_with_logprob(v, x, t, t_next, a, prev_sample, generator)
+        v = policy_velocity(model, batch, x, t, cfg, return_idm)
+    v, idm_loss = v if return_idm else (v, None)
+    return sde_step_with_logprob(v, x, t, t_next, a, prev_sample, generator)._replace(idm_loss=idm_loss)
 
 
 def stochastic_steps(steps, sde_window):
@@ -228,16 +237,18 @@ def generate(model, scenes, tokenizer, steps=25, cfg=3.0, shift=1.0, seed=0, bat
     return images
 
 
-def generate_and_check(model, scenes, tokenizer, steps, cfg, shift, seed=0, grid_path=None, grid_rows=8):
+def generate_and_check(model, scenes, tokenizer, steps, cfg, shift, seed=0, grid_path=None, grid_rows=8,
+                       return_images=False):
     """Generate every scene, score the images with the rule-based checker, and optionally save a
-    grid: generated image with the asked boxes drawn over it | the true render. Returns the metrics."""
+    grid: generated image with the asked boxes drawn over it | the true render. Returns the metrics
+    (and the images, with return_images)."""
     images = generate(model, scenes, tokenizer, steps, cfg, shift, seed)
     metrics = data.check_images(scenes, images)
     if grid_path:
         rows = [[data.draw_boxes(image, scene), data.draw_boxes(data.render_scene(scene, model.config.res), scene)]
                 for scene, image in zip(scenes[:grid_rows], images)]
         data.save_grid(grid_path, rows)
-    return metrics
+    return (metrics, images) if return_images else metrics
 
 
 def main():

@@ -4,7 +4,8 @@ only, no images. The policy is the generator sampled through the SDE of sampler.
 the model's own grounding of what it generated, against the layout it was asked for.
 
 Per update:
-  1. layouts_per_update layouts per rank from the world's scene sampler (data.sample_scene, no images);
+  1. layouts_per_update layouts per rank from the world's scene sampler (data.sample_scene, no images),
+     or, on real data (--dataset=coco:..., by default the checkpoint's own), from its training annotations;
   2. group_size samples of each through the SDE (same_noise: the G samples share their initial
      noise and differ by the SDE's noise alone), every stochastic step's transition and log-prob kept;
   3. rewards (rewards.layout_reward): IoU + confidence from a frozen copy of the model's own head,
@@ -16,7 +17,9 @@ Per update:
      train_fraction of the stochastic steps, the high-noise ones, or "random" = a random
      train_fraction of them each update), plus kl_weight times the closed-form KL to the frozen
      reference policy (the init checkpoint) per step, gradient clipping, minibatches optimizer steps
-     per update (the first sees a ratio of exactly 1, the later ones the clip);
+     per update (the first sees a ratio of exactly 1, the later ones the clip); for a model with
+     IDM (the checkpoint's ModelConfig.idm), plus idm_weight times L_dis of those same velocity
+     passes (logged as "idm"), so that RL does not undo the disentangling;
   6. ground_generated (on by default): generated images whose reward reaches ground_threshold
      train the grounding head with their own layouts as targets (the cycle's gift to grounding).
 Logs per update: mean reward, std of the reward within groups, KL, clip fraction, approx-KL; every
@@ -66,8 +69,11 @@ eval_interval = 25  # updates between checker figures and a sample grid (0 = onl
 ckpt_interval = 25  # a multiple of reward_refresh (exact resume)
 val_scenes = 64  # the fixed validation set ("val", seed 0)
 # layouts
+dataset = ""  # "" = the checkpoint's own; on real data (coco:...) the layouts are its training annotations (no images)
+data_dir = "data"  # where a real data set's cache lives
+judge = ""  # real data: a StandaloneDetector checkpoint that scores the validation images (ISR, mIoU)
 layout_seed = 0
-min_objects = 1
+min_objects = 1  # ShapeScenes layouts only: a real data set's layouts hold what their images hold
 max_objects = 4
 # sampling the policy
 layouts_per_update = 4  # per rank
@@ -87,6 +93,7 @@ clip_range = 1e-3  # on the ratio of per-dimension-mean log-probs (sampler.sde_s
 adv_clip = 5.0
 adv_eps = 1e-4
 kl_weight = 0.01
+idm_weight = 0.01  # L_dis on the policy's velocity passes, for a model with IDM (ignored without); untuned
 minibatches = 2  # optimizer steps per update, each over a share of the samples and all trained steps
 # reward
 reward_kind = "grounding"  # "grounding" (the layout reward) or "brightness" (analytic, inside the boxes: tests the loop)
@@ -155,6 +162,7 @@ config["rl_reference"] = reference_path  # saved with every checkpoint, so a res
 model, tokenizer, _ = runtime.load_model(source, "model", dev)
 model_config = model.config
 res, max_instances = model_config.res, model_config.max_instances
+idm_term = idm_weight if model_config.idm else None  # the weight of L_dis, None for a model without IDM
 if not 1 <= min_objects <= max_objects <= min(max_instances, data.MAX_OBJECTS):
     runtime.fail(f"need 1 <= min_objects <= max_objects <= {min(max_instances, data.MAX_OBJECTS)} "
                  f"(the model's max_instances), got {min_objects}, {max_objects}")
@@ -185,7 +193,16 @@ if reward_ckpt:
 else:
     reward_model = copy.deepcopy(model).eval().requires_grad_(False)
     grounder = detector.Grounder("EchoGen", reward_model, tokenizer, res, max_instances, dev)
-val_set = data.make_scene_set("val", val_scenes, seed=0)
+config["dataset"] = dataset = dataset or saved["train"].get("dataset", "shapescenes")
+if dataset == "shapescenes":
+    layout_pool, val_set = None, data.make_scene_set("val", val_scenes, seed=0)
+else:  # the training scenes' layouts, their captions picked with the checkpoint's tokenizer; a bad spec stops here
+    real, _, val_set = data.load_dataset_on_ranks(dist_ctx, dataset, res, max_instances, data_dir,
+                                                  val_scenes=val_scenes, tokenizer=tokenizer)
+    layout_pool = real.scenes
+    if reward_ckpt and grounder.tokenizer.get_vocab() != tokenizer.get_vocab():
+        runtime.fail(f"reward_ckpt '{reward_ckpt}': its tokenizer differs from the model's (train both on the same dataset)")
+judge_grounder = detector.load_grounder(judge, dev) if judge else None
 if dist_ctx.master:
     print(f"Cycle RL ({algo}) from {source}: {model.num_params() / 1e6:.2f}M parameters, res {res}, "
           f"{layouts_per_update} layouts x {group_size} samples on each of {dist_ctx.world} x {dev.type}, "
@@ -205,10 +222,13 @@ log = runtime.JsonlLog(os.path.join(out_dir, "log.jsonl"), dist_ctx.master)
 
 def draw_layouts(update):
     """This rank's layouts of an update, each repeated group_size times (groups contiguous): the
-    scenes and their collated conditions on the device."""
+    scenes and their collated conditions on the device. Real data: layouts drawn from its annotations."""
     first = dist_ctx.rank * layouts_per_update
-    scenes = [data.sample_scene(np.random.default_rng([layout_seed, update, first + i]), (min_objects, max_objects))
-              for i in range(layouts_per_update)]
+    rngs = [np.random.default_rng([layout_seed, update, first + i]) for i in range(layouts_per_update)]
+    if layout_pool is None:
+        scenes = [data.sample_scene(rng, (min_objects, max_objects)) for rng in rngs]
+    else:
+        scenes = [layout_pool[int(rng.integers(len(layout_pool)))] for rng in rngs]
     batch = data.collate(scenes, None, tokenizer, max_instances)
     return scenes, {k: v.repeat_interleave(group_size, dim=0).to(dev) for k, v in batch.items()}
 
@@ -268,6 +288,8 @@ def policy_update(trajectory, batch, advantages, weight, steps):
     advantages (S, B) per trained step, weight (B,) 1 for rows that train, 0 for skipped ones.
     -> the log's statistics, averaged."""
     stats = {"kl": 0.0, "clip_frac": 0.0, "approx_kl": 0.0, "policy_loss": 0.0}
+    if idm_term is not None:
+        stats["idm"] = 0.0
     per_minibatch = samples_per_rank // minibatches
     n_terms = minibatches * len(steps)
     for m in range(minibatches):
@@ -280,13 +302,17 @@ def policy_update(trajectory, batch, advantages, weight, steps):
             x_t, x_next = trajectory["x_t"][s][rows], trajectory["x_next"][s][rows]
             if dist_ctx.ddp:  # gradients are all-reduced with the last step's backward (nanoGPT)
                 train_model.require_backward_grad_sync = i == len(steps) - 1
-            out = sampler.policy_step(train_model, sub, x_t, t, t_next, cfg_scale, sde_a, prev_sample=x_next)
+            out = sampler.policy_step(train_model, sub, x_t, t, t_next, cfg_scale, sde_a, prev_sample=x_next,
+                                      return_idm=idm_term is not None)
             with torch.no_grad():
                 ref = sampler.policy_step(reference, sub, x_t, t, t_next, cfg_scale, sde_a, prev_sample=x_next)
             kl = sampler.gaussian_step_kl(out.mean, ref.mean, out.std)
             policy_loss, step_stats = rewards.clipped_policy_loss(out.log_prob, trajectory["log_prob"][s][rows],
                                                                   advantages[i][rows], clip_range)
             loss = ((policy_loss + kl_weight * kl) * w).sum() / denominator / len(steps)
+            if idm_term is not None:  # over all rows, skipped groups too: L_dis needs no reward
+                loss = loss + idm_term * out.idm_loss / len(steps)
+                stats["idm"] += out.idm_loss.item() / n_terms
             loss.backward()
             stats["kl"] += (kl * w).sum().item() / denominator.item() / n_terms
             stats["policy_loss"] += (policy_loss * w).sum().item() / denominator.item() / n_terms
@@ -361,7 +387,7 @@ def rl_update(update):
                   reward_iou=dist_ctx.all_reduce_mean(scored["iou"].mean().item()),
                   reward_conf=dist_ctx.all_reduce_mean(scored["confidence"].mean().item()),
                   skipped_groups=dist_ctx.all_reduce_mean(1 - weight.mean().item()))
-    for key in ("kl", "clip_frac", "approx_kl", "policy_loss", "critic_loss", "ground_loss"):
+    for key in ("kl", "clip_frac", "approx_kl", "policy_loss", "critic_loss", "ground_loss", "idm"):
         if key in record:
             record[key] = dist_ctx.all_reduce_mean(record[key])
     return record, trajectory["x0"], scenes
@@ -372,7 +398,8 @@ def evaluate(update):
     grid = os.path.join(out_dir, "samples", f"update{update:06d}.png")
     os.makedirs(os.path.dirname(grid), exist_ok=True)
     ema.eval()
-    metrics = evaluation.evaluate(ema, val_set, tokenizer, sample_steps, cfg_scale, shift, grid_path=grid)
+    metrics = evaluation.evaluate(ema, val_set, tokenizer, sample_steps, cfg_scale, shift, grid_path=grid,
+                                  judge=judge_grounder)
     log.write({"step": update, "eval": metrics})
     tqdm.write(f"update {update}: val {evaluation.summary(metrics)} -> {grid}")
 

@@ -17,7 +17,8 @@ checkpoint, the two tasks are chained through each other so that each supervises
     torchrun --standalone --nproc_per_node=8 train_joint.py --init_from=out/pretrain_gpu/ckpt --out_dir=out/joint_gpu
     python train_joint.py --init_from=resume                # continue out_dir/ckpt exactly
 Any config value below can be overridden: --key=value, or a config file of assignments. The
-model's architecture comes from the checkpoint.
+model's architecture comes from the checkpoint; from a checkpoint with IDM (train_pretrain.py
+--idm=True), idm_weight * L_dis joins the loss and is logged as "idm".
 """
 
 import copy
@@ -44,6 +45,8 @@ log_interval = 10
 eval_interval = 250  # 0 = only at the end
 ckpt_interval = 250
 # data
+dataset = ""  # "" = the checkpoint's own; else shapescenes or coco:INSTANCES.json:IMAGE_DIR[:CAPTIONS.json][:key=value ...]
+judge = ""  # real data: a StandaloneDetector checkpoint that scores the validation images (ISR, mIoU)
 data_dir = "data"
 cache_scenes = 20000
 data_seed = 1  # another order than stage 1's
@@ -73,6 +76,8 @@ cycle_weight = 0.1  # layout -> image -> layout (DETR L1 + GIoU, the scale of gr
 cycle_t_max = 0.5  # x0_hat is grounded only for t ~ U[0, cycle_t_max]
 recon_weight = 1.0  # image -> layout -> image (a flow loss, the scale of stage 1's)
 detach_boxes = True  # the predicted boxes of image -> layout -> image carry no gradient
+# IDM's disentangle constraint, for a model with IDM (the checkpoint's ModelConfig.idm; ignored without)
+idm_weight = 0.1
 # sampling for the validation figures
 sample_steps = 25
 cfg_scale = 3.0
@@ -111,12 +116,11 @@ step = runtime.load_train_state(source, model, ema, optimizer) if init_from == "
 criterion = detector.GroundingCriterion()
 cycle_criterion = detector.GroundingCriterion(weights={"l1": 5.0, "giou": 2.0, "conf": 0.0})
 
-# data: rank 0 renders the cache once; the others wait and then read it
-if dist_ctx.master:
-    data.load_or_prepare_cache(res, cache_scenes, data_seed, data_dir=data_dir, max_instances=max_instances)
-dist_ctx.barrier()
-cache = data.load_or_prepare_cache(res, cache_scenes, data_seed, data_dir=data_dir, max_instances=max_instances)
-val_set = data.make_scene_set("val", val_scenes, seed=0)
+# data, tokenized with the checkpoint's tokenizer: rank 0 prepares the cache once; the others wait and read it
+config["dataset"] = dataset = dataset or saved["train"].get("dataset", "shapescenes")
+cache, _, val_set = data.load_dataset_on_ranks(dist_ctx, dataset, res, max_instances, data_dir, cache_scenes, data_seed,
+                                               val_scenes, tokenizer=tokenizer)
+judge_grounder = detector.load_grounder(judge, dev) if judge else None
 if dist_ctx.master:
     print(f"DJO from {source}: {model.num_params() / 1e6:.2f}M parameters, res {res}, "
           f"global batch {global_batch} on {dist_ctx.world} x {dev.type}, from step {step}")
@@ -151,7 +155,8 @@ def train_step(step):
             train_model.require_backward_grad_sync = micro == grad_accum - 1
         with runtime.autocast(dev):
             loss, terms = djo_loss(train_model, model, criterion, cycle_criterion, batch, *(x[part] for x in draws),
-                                   ground_weight, cycle_weight, recon_weight, detach_boxes)
+                                   ground_weight, cycle_weight, recon_weight, detach_boxes,
+                                   idm_weight if model_config.idm else None)
         (loss / grad_accum).backward()
         total_loss += loss.item() / grad_accum
         for k, v in terms.items():
@@ -167,7 +172,8 @@ def evaluate(step):
     """The EMA model on the fixed validation set (rank 0): checker figures, grounding, a sample grid."""
     grid = os.path.join(out_dir, "samples", f"step{step:06d}.png")
     os.makedirs(os.path.dirname(grid), exist_ok=True)
-    metrics = evaluation.evaluate(ema, val_set, tokenizer, sample_steps, cfg_scale, shift, grid_path=grid)
+    metrics = evaluation.evaluate(ema, val_set, tokenizer, sample_steps, cfg_scale, shift, grid_path=grid,
+                                  judge=judge_grounder)
     log.write({"step": step, "eval": metrics})
     tqdm.write(f"step {step}: val {evaluation.summary(metrics)} -> {grid}")
 

@@ -11,6 +11,7 @@ are summed with a weight.
   makes sense there); DETR-style loss (detector.GroundingCriterion). Noisy grounding samples
   still train the flow, conditioned on the caption alone; clean ones (t = 0) do not.
 --ground_every=0 trains the generation-only model (no grounding head), the baseline of PMTP.
+--idm=True adds I-DRUID's IDM to every block (model.IDM) and idm_weight * L_dis to the loss.
 
 One process (the tiny config: R = 32, CPU is fine):
     python train_pretrain.py
@@ -21,6 +22,8 @@ Two nodes (run on both; add NCCL_IB_DISABLE=1 where there is no InfiniBand):
     torchrun --nproc_per_node=8 --nnodes=2 --node_rank=0 --master_addr=IP --master_port=1234 train_pretrain.py config/gpu.py
 DDP on the CPU (gloo), as the tests do:
     torchrun --standalone --nproc_per_node=2 train_pretrain.py --batch_size=16
+Real data (COCO format; the validation figures need a judge, detector.py train on the same spec):
+    python train_pretrain.py --dataset=coco:coco/annotations/instances_train2017.json:coco/train2017:coco/annotations/captions_train2017.json
 Any config value below can be overridden: --key=value, or a config file of assignments.
 """
 
@@ -48,6 +51,8 @@ log_interval = 10  # steps between JSONL log lines
 eval_interval = 250  # steps between checker figures and a sample grid (0 = only at the end)
 ckpt_interval = 250  # steps between checkpoints (always one at the end)
 # data
+dataset = "shapescenes"  # or real data: coco:INSTANCES.json:IMAGE_DIR[:CAPTIONS.json][:key=value ...] (data.DATASET_HELP)
+judge = ""  # real data: a StandaloneDetector checkpoint that scores the validation images (ISR, mIoU)
 data_dir = "data"  # where the pre-rendered cache lives
 res = 32
 cache_scenes = 20000  # pre-rendered training scenes
@@ -60,6 +65,7 @@ depth = 4
 heads = 4
 text_depth = 2
 max_instances = 8
+idm = False  # IDM in every block (model.IDM, DESIGN.md "The model"); False = the plain model
 # optimizer
 batch_size = 32  # per rank and micro-step; global batch = batch_size * grad_accum * world size
 grad_accum = 1
@@ -82,6 +88,8 @@ ground_weight = 0.1  # total loss = flow + ground_weight * grounding (the DETR t
 ground_clean = 0.5  # share of grounding samples on the clean image, t = 0
 ground_t_max = 0.5  # the others at t ~ U[0, ground_t_max]
 ground_depth = 2  # decoder layers of the grounding head
+# IDM's disentangle constraint (only with idm = True)
+idm_weight = 0.1  # total loss += idm_weight * L_dis; L_dis = softplus(CAS(R+) - CAS(R-)) lies in [0.31, 1.31]
 ema_decay = 0.999
 # sampling for the validation figures
 sample_steps = 25
@@ -108,19 +116,16 @@ global_batch = batch_size * grad_accum * dist_ctx.world
 ckpt_path = os.path.join(out_dir, "ckpt")
 torch.manual_seed(seed)  # same initial weights on every rank
 
-# data: rank 0 renders the cache once; the others wait and then read it
-tokenizer = data.build_tokenizer()
-if dist_ctx.master:
-    data.load_or_prepare_cache(res, cache_scenes, data_seed, data_dir=data_dir, max_instances=max_instances)
-dist_ctx.barrier()
-cache = data.load_or_prepare_cache(res, cache_scenes, data_seed, data_dir=data_dir, max_instances=max_instances)
-val_set = data.make_scene_set("val", val_scenes, seed=0)
+# data: rank 0 renders the cache (on real data: reads the images, trains the tokenizer) once; the others wait and read it
+cache, tokenizer, val_set = data.load_dataset_on_ranks(dist_ctx, dataset, res, max_instances, data_dir, cache_scenes,
+                                                       data_seed, val_scenes)
+judge_grounder = detector.load_grounder(judge, dev) if judge else None
 
 # model, EMA, optimizer
 model_config = ModelConfig(res=res, patch=patch, dim=dim, depth=depth, heads=heads, text_depth=text_depth,
                            vocab_size=tokenizer.get_vocab_size(), max_instances=max_instances,
                            max_caption_len=data.MAX_CAPTION_LEN, max_phrase_len=data.MAX_PHRASE_LEN,
-                           grounding=ground_every > 0, ground_depth=ground_depth)
+                           grounding=ground_every > 0, ground_depth=ground_depth, idm=idm)
 model = EchoGen(model_config).to(dev)
 criterion = detector.GroundingCriterion() if ground_every else None
 ema = copy.deepcopy(model).eval().requires_grad_(False)
@@ -165,7 +170,8 @@ def train_step(step):
         if dist_ctx.ddp:
             train_model.require_backward_grad_sync = micro == grad_accum - 1
         with runtime.autocast(dev):
-            loss, micro_parts = pmtp_loss(train_model, criterion, batch, *(x[part] for x in draws), ground_weight)
+            loss, micro_parts = pmtp_loss(train_model, criterion, batch, *(x[part] for x in draws), ground_weight,
+                                          idm_weight if idm else None)
         (loss / grad_accum).backward()
         total_loss += loss.item() / grad_accum
         for k, v in micro_parts.items():
@@ -182,7 +188,8 @@ def evaluate(step):
     sample grid and, with PMTP, its grounding of the true renders."""
     grid = os.path.join(out_dir, "samples", f"step{step:06d}.png")
     os.makedirs(os.path.dirname(grid), exist_ok=True)
-    metrics = evaluation.evaluate(ema, val_set, tokenizer, sample_steps, cfg_scale, shift, grid_path=grid)
+    metrics = evaluation.evaluate(ema, val_set, tokenizer, sample_steps, cfg_scale, shift, grid_path=grid,
+                                  judge=judge_grounder)
     log.write({"step": step, "eval": metrics})
     tqdm.write(f"step {step}: val {evaluation.summary(metrics)} -> {grid}")
 

@@ -1,0 +1,308 @@
+"""IDM and the disentangle constraint (model.IDM, cas, disentangle_loss; DESIGN.md "The model"): CAS,
+the factorized IDM against its definition, gradients of L_dis, the plain model unchanged with idm off,
+the switch through checkpoints and the training scripts, and eval.py's attribute-leakage probe."""
+
+import dataclasses
+import hashlib
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import data
+import detector
+import eval as evaluation
+import runtime
+from model import (EchoGen, IDM, ModelConfig, cas, disentangle_loss, djo_loss, joint_attention, patch_box_coverage,
+                   pmtp_loss)
+from test_rl import MICRO_PRETRAIN, MICRO_RL, run
+
+PLAIN = ModelConfig(res=16, patch=2, dim=32, depth=2, heads=2, text_depth=1, vocab_size=20,
+                    max_caption_len=10, max_phrase_len=4, max_instances=3)
+WITH_IDM = dataclasses.replace(PLAIN, idm=True)
+
+
+# --- the plain model is what it was before IDM existed
+# BEGIN fingerprint (the reference below was computed by this code on the model.py of before issue 6)
+
+def fixed_batch(B=2, config=PLAIN, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    caption_ids = torch.randint(1, config.vocab_size, (B, config.max_caption_len), generator=g)
+    caption_ids[:, 6:] = 0
+    phrase_ids = torch.randint(1, config.vocab_size, (B, config.max_instances, config.max_phrase_len), generator=g)
+    phrase_ids[:, :, 2:] = 0
+    xy = torch.rand(B, config.max_instances, 2, generator=g) * 0.5
+    boxes = torch.cat([xy, xy + 0.3 + 0.1 * torch.rand(B, config.max_instances, 2, generator=g)], dim=-1)
+    instance_mask = torch.tensor([[True, True, False]] * B)
+    phrase_ids[~instance_mask] = 0
+    return dict(caption_ids=caption_ids, phrase_ids=phrase_ids, boxes=boxes, instance_mask=instance_mask)
+
+
+def perturbed(model, scale=0.05):
+    """Weight in the zero-initialized layers, as training would give them, so outputs depend on everything."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if torch.all(p == 0):
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+    return model
+
+
+def plain_fingerprint(model_class, config):
+    torch.manual_seed(0)
+    model = model_class(config)
+    state = model.state_dict()
+    layout = ";".join(f"{k}:{tuple(v.shape)}" for k, v in state.items())
+    figures = {"keys": len(state), "layout": hashlib.sha256(layout.encode()).hexdigest()[:16],
+               "init_abs_sum": sum(v.double().abs().sum().item() for v in state.values())}
+    model = perturbed(model).eval()
+    batch = fixed_batch()
+    g = torch.Generator().manual_seed(5)
+    x, t = torch.randn(2, 3, 16, 16, generator=g), torch.tensor([0.6, 0.1])
+    with torch.no_grad():
+        v = model(x, t, **batch)
+        v_packed, grounding = model(x, t, **batch, task=torch.tensor([0, 1]))
+        grounded = model.ground(x, batch["caption_ids"], batch["phrase_ids"], batch["instance_mask"])
+    figures.update(v_sum=v.double().sum().item(), v_abs=v.double().abs().sum().item(), v_first=v[0, 0, 0, :4].tolist(),
+                   packed_abs=v_packed.double().abs().sum().item(), boxes=grounding["boxes"].double().sum().item(),
+                   logits=grounding["logits"].double().sum().item(), ground=grounded["boxes"].double().sum().item())
+    return figures
+
+# END fingerprint
+
+
+BEFORE_IDM = {  # plain_fingerprint(EchoGen, PLAIN) with model.py of commit 30c16d7 (CPU, torch 2.14)
+    "keys": 148, "layout": "44329e3d3e8c77fc", "init_abs_sum": 13251.464081481354,
+    "v_sum": -63.76623996440321, "v_abs": 360.86327875126153,
+    "v_first": [0.10587744414806366, -0.2483813762664795, 0.16447828710079193, 0.2817540168762207],
+    "packed_abs": 360.73992016352713, "boxes": 25.557877242565155, "logits": -4.732792078051716,
+    "ground": 23.967094779014587,
+}
+
+
+def test_with_idm_off_the_model_is_the_one_before_idm():
+    figures = plain_fingerprint(EchoGen, PLAIN)
+    for key, expected in BEFORE_IDM.items():
+        if isinstance(expected, str) or isinstance(expected, int):
+            assert figures[key] == expected, key  # the same parameters: names, shapes, count
+        else:  # the same initial values and outputs, up to the float rounding of another CPU
+            np.testing.assert_allclose(figures[key], expected, rtol=1e-4, atol=1e-6, err_msg=key)
+
+
+def test_a_fresh_idm_computes_what_the_plain_model_does():
+    """alpha = 1/2 at init, and the forward pass adds (2 alpha - 1) E_n: a plain model's weights in an IDM
+    model give the same outputs, so IDM can be switched on from a plain checkpoint's weights."""
+    torch.manual_seed(0)
+    plain = perturbed(EchoGen(PLAIN)).eval()
+    idm = EchoGen(WITH_IDM).eval()
+    missing, unexpected = idm.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and missing and all(".idm." in k for k in missing)
+    batch, x, t = fixed_batch(), torch.randn(2, 3, 16, 16), torch.tensor([0.6, 0.1])
+    with torch.no_grad():
+        torch.testing.assert_close(idm(x, t, **batch), plain(x, t, **batch), atol=1e-5, rtol=1e-5)
+        v, grounding, l_dis = idm(x, t, **batch, task=torch.tensor([0, 1]), return_idm=True)
+        v_plain, grounding_plain = plain(x, t, **batch, task=torch.tensor([0, 1]))
+    torch.testing.assert_close(v, v_plain, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grounding["boxes"], grounding_plain["boxes"], atol=1e-5, rtol=1e-5)
+    # with alpha = 1/2 everywhere R+ = R-, so CAS(R+) = CAS(R-) and L_dis = softplus(0)
+    assert l_dis.item() == pytest.approx(math.log(2), abs=1e-6)
+
+
+# --- CAS and L_dis
+
+
+def test_patch_box_coverage():
+    boxes = torch.tensor([[[0.0, 0.0, 0.5, 0.5], [0.0, 0.0, 1.0, 1.0], [0.125, 0.3, 0.2, 0.4]]])
+    coverage = patch_box_coverage(boxes, 4)  # (1, 3, 16), patches row-major
+    top_left = torch.zeros(4, 4)
+    top_left[:2, :2] = 1
+    assert torch.equal(coverage[0, 0], top_left.flatten()) and torch.equal(coverage[0, 1], torch.ones(16))
+    # a box narrower than a patch still owns a share of the patches it touches; the shares sum to its area
+    assert coverage[0, 2].max() > 0 and coverage[0, 2].sum().item() == pytest.approx(0.075 * 0.1 * 16, rel=1e-5)
+
+
+def test_cas_is_zero_inside_the_box_and_grows_as_mass_moves_out():
+    box_mask = patch_box_coverage(torch.tensor([[[0.0, 0.0, 0.5, 0.5]]]), 4)  # (1, 1, 16): 4 patches inside
+    inside, outside = box_mask[0, 0] > 0, box_mask[0, 0] == 0
+    scores = []
+    for moved in np.linspace(0, 1, 6):  # the share of the mass moved outside the box
+        mass = torch.zeros(1, 1, 16)
+        mass[0, 0, inside] = (1 - moved) / inside.sum()
+        mass[0, 0, outside] = moved / outside.sum()
+        scores.append(cas(mass * 7.0, box_mask).item())  # the scale of the map does not matter
+    assert scores[0] == 0.0
+    assert all(b > a for a, b in zip(scores, scores[1:])), scores
+    np.testing.assert_allclose(scores, np.linspace(0, 1, 6), atol=1e-5)
+    # L_dis = softplus(CAS(R+) - CAS(R-)) over the active instances only
+    plus, minus = torch.zeros(1, 2, 16), torch.zeros(1, 2, 16)
+    plus[..., inside], minus[..., outside] = 1.0, 1.0
+    masks = box_mask.expand(1, 2, 16)
+    assert disentangle_loss(plus, minus, masks, torch.tensor([[True, False]])).item() == pytest.approx(
+        F.softplus(torch.tensor(-1.0)).item(), abs=1e-5)
+    assert disentangle_loss(minus, plus, masks, torch.tensor([[True, True]])).item() == pytest.approx(
+        F.softplus(torch.tensor(1.0)).item(), abs=1e-5)
+    assert disentangle_loss(plus, minus, masks, torch.tensor([[False, False]])).item() == 0.0
+
+
+def test_the_probe_reads_the_exact_attention_weights_out_of_the_fused_call():
+    torch.manual_seed(0)
+    B, H, Dh, lengths = 2, 2, 8, (5, 7)
+    streams = [tuple(torch.randn(B, H, n, Dh) for _ in range(3)) for n in lengths]
+    mask = torch.rand(B, 1, 12, 12) > 0.3
+    mask[..., 0] = True
+    probe = torch.zeros(12, 8)
+    probe[[2, 3, 4], [0, 1, 2]] = 1  # keys 2, 3 and 4
+    outs, weights = joint_attention(streams, mask, probe)
+    for a, b in zip(outs, joint_attention(streams, mask)):
+        torch.testing.assert_close(a, b)
+    q, k = (torch.cat([s[i] for s in streams], dim=2) for i in (0, 1))
+    logits = (q @ k.transpose(-1, -2) / math.sqrt(Dh)).masked_fill(~mask, float("-inf"))
+    torch.testing.assert_close(weights[..., :3], logits.softmax(-1)[..., [2, 3, 4]])
+    assert torch.all(weights[..., 3:] == 0)
+
+
+def test_the_factorized_idm_equals_its_definition():
+    """E_n = A[:, :, :, n] V_n materialized (B, H, P, N, Dh), R+ = alpha E_n, R- = (1 - alpha) E_n: the
+    module's addition to the attention output and its L_dis, with alpha fixed by fc2's bias."""
+    torch.manual_seed(0)
+    B, H, P, N, Dh = 2, 2, 16, 3, 4
+    idm = IDM(H * Dh)
+    with torch.no_grad():
+        idm.alpha.fc2.weight.zero_()
+        idm.alpha.fc2.bias.normal_()
+    alpha = torch.sigmoid(idm.alpha.fc2.bias).view(H, 1, Dh)  # (H, 1, Dh) per channel, the same for every instance
+    attn = torch.rand(B, H, P, N) / P
+    v_layout = torch.randn(B, H, N, Dh)
+    box_mask = patch_box_coverage(torch.rand(B, N, 2).mul(0.5).repeat(1, 1, 2) + torch.tensor([0, 0, 0.4, 0.3]), 4)
+    active = torch.tensor([[True, True, False], [True, False, False]])
+    added, l_dis = idm(torch.randn(B, N, H * Dh), attn, v_layout, box_mask, active)
+
+    E = attn[..., None] * v_layout[:, :, None]  # (B, H, P, N, Dh)
+    gain = active[:, None, None, :, None] * (2 * alpha[:, None] - 1)  # (B, H, 1, N, Dh)
+    torch.testing.assert_close(added, (gain * E).sum(3).transpose(1, 2).flatten(2))  # (B, P, H*Dh)
+    mass = lambda R: R.abs().sum((1, 4)).transpose(1, 2)  # |R| over channels: (B, H, P, N, Dh) -> (B, N, P)
+    relevant, spurious = mass(alpha[:, None] * E), mass((1 - alpha[:, None]) * E)
+    outside = lambda m: (m * (1 - box_mask)).sum(-1) / m.sum(-1)
+    expected = F.softplus(outside(relevant) - outside(spurious))[active].mean()
+    assert l_dis.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_l_dis_reaches_the_idm_parameters_and_the_attention():
+    torch.manual_seed(0)
+    model = perturbed(EchoGen(WITH_IDM))
+    _, l_dis = model(torch.randn(2, 3, 16, 16), torch.tensor([0.6, 0.3]), **fixed_batch(), return_idm=True)
+    idm_params = [(n, p) for n, p in model.named_parameters() if ".idm." in n]
+    assert len(idm_params) == 4 * PLAIN.depth
+    attention = [model.blocks[0].image_stream.qkv.weight, model.blocks[0].cond_stream.qkv.weight]
+    grads = torch.autograd.grad(l_dis, [p for _, p in idm_params] + attention)
+    for (name, _), grad in zip(idm_params, grads):
+        assert grad.abs().sum() > 0, name
+    assert all(g.abs().sum() > 0 for g in grads[len(idm_params):]), "L_dis shapes the attention maps too"
+    # a fresh model (fc2 = 0): the gradient already reaches the last layer, which lets alpha move
+    fresh = EchoGen(WITH_IDM)
+    _, l_dis = fresh(torch.randn(2, 3, 16, 16), torch.tensor([0.6, 0.3]), **fixed_batch(), return_idm=True)
+    assert torch.autograd.grad(l_dis, fresh.blocks[0].idm.alpha.fc2.weight)[0].abs().sum() > 0
+
+
+def test_grounding_rows_and_empty_slots_are_outside_idm():
+    torch.manual_seed(0)
+    model = perturbed(EchoGen(WITH_IDM)).eval()
+    batch, x, t = fixed_batch(), torch.randn(2, 3, 16, 16), torch.tensor([0.6, 0.1])
+    task = torch.tensor([0, 1])
+    with torch.no_grad():
+        v, grounding, l_dis = model(x, t, **batch, task=task, return_idm=True)
+        moved = dict(batch, boxes=batch["boxes"].flip(1) * 0.5)
+        v2, grounding2, _ = model(x, t, **moved, task=task, return_idm=True)
+        junk = dict(batch, boxes=batch["boxes"].clone())
+        junk["boxes"][:, 2] = torch.tensor([0.9, 0.9, 1.0, 1.0])  # slot 2 is empty in every row
+        v3, _, l_dis3 = model(x, t, **junk, task=task, return_idm=True)
+        # every instance dropped (CFG): no active instance, L_dis = 0, and a finite output
+        dropped = dict(batch, instance_mask=torch.zeros_like(batch["instance_mask"]))
+        v4, l_dis4 = model(x, t, **dropped, return_idm=True)
+    torch.testing.assert_close(v2[1], v[1], atol=1e-6, rtol=0)  # the grounding row reads no box
+    torch.testing.assert_close(grounding2["boxes"][:, 1], grounding["boxes"][:, 1], atol=1e-6, rtol=0)
+    assert not torch.allclose(v2[0], v[0], atol=1e-4)
+    torch.testing.assert_close(v3, v, atol=1e-6, rtol=0)
+    assert l_dis3.item() == pytest.approx(l_dis.item(), abs=1e-7)
+    assert l_dis4.item() == 0.0 and torch.isfinite(v4).all()
+
+
+# --- the interface: losses, checkpoints, scripts, the probe
+
+
+def test_stage_losses_add_and_log_l_dis_only_with_a_weight():
+    torch.manual_seed(0)
+    model = perturbed(EchoGen(WITH_IDM))
+    batch = dict(fixed_batch(B=4), images=torch.rand(4, 3, 16, 16) * 2 - 1)
+    task, t = torch.tensor([0, 1, 0, 1]), torch.tensor([0.7, 0.0, 0.4, 0.2])
+    noise, drop = torch.randn(4, 3, 16, 16), torch.zeros(4, dtype=torch.bool)
+    criterion = detector.GroundingCriterion()
+    plain_loss, plain_parts = pmtp_loss(model, criterion, batch, task, t, noise, drop, 0.1)
+    loss, parts = pmtp_loss(model, criterion, batch, task, t, noise, drop, 0.1, idm_weight=0.5)
+    assert "idm" not in plain_parts and 0.3 < parts["idm"] < 1.4
+    assert loss.item() == pytest.approx(plain_loss.item() + 0.5 * parts["idm"], rel=1e-5)
+    cycle = detector.GroundingCriterion(weights={"l1": 5.0, "giou": 2.0, "conf": 0.0})
+    args = (batch, task, t, noise, drop, torch.full((4,), 0.3), torch.full((4,), 0.5), 0.1, 0.1, 1.0, True)
+    total, terms = djo_loss(model, model, criterion, cycle, *args, idm_weight=0.5)
+    plain_total, plain_terms = djo_loss(model, model, criterion, cycle, *args)
+    assert "idm" not in plain_terms and total.item() == pytest.approx(plain_total.item() + 0.5 * terms["idm"].item(),
+                                                                      rel=1e-5)
+
+
+def test_the_idm_switch_round_trips_through_a_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    model = perturbed(EchoGen(WITH_IDM))
+    optimizer = torch.optim.AdamW(model.parameters())
+    runtime.save_checkpoint(str(tmp_path / "ckpt"), model, model, optimizer, data.build_tokenizer(), {}, 0)
+    loaded, _, saved = runtime.load_model(str(tmp_path / "ckpt"), "model")
+    assert saved["model"]["idm"] is True and loaded.config == WITH_IDM
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    # a checkpoint from before the switch existed resumes as the plain model
+    older = {k: v for k, v in dataclasses.asdict(PLAIN).items() if k != "idm"}
+    runtime.check_same_model_config("old", older, PLAIN)
+
+
+def test_training_scripts_switch_idm_on_and_log_l_dis(tmp_path):
+    """PMTP with --idm=True, then DJO and Cycle RL from its checkpoint: each logs "idm" (L_dis, in
+    (0.3, 1.4)); in RL the scored velocity passes carry it without changing the policy's ratio."""
+    out = tmp_path / "pmtp"
+    run(["train_pretrain.py", *MICRO_PRETRAIN, "--idm=True", "--log_interval=1", f"--data_dir={tmp_path / 'data'}",
+         f"--out_dir={out}"])
+    saved = json.loads((out / "ckpt" / "config.json").read_text())
+    assert saved["model"]["idm"] is True and saved["train"]["idm_weight"] == 0.1
+    logs = {}
+    run(["train_joint.py", f"--init_from={out / 'ckpt'}", f"--out_dir={tmp_path / 'djo'}", "--cache_scenes=16",
+         "--batch_size=4", "--max_steps=1", "--val_scenes=0", "--ckpt_interval=0", "--warmup_steps=1",
+         f"--data_dir={tmp_path / 'data'}"])
+    run(["train_cycle_rl.py", f"--init_from={out / 'ckpt'}", f"--out_dir={tmp_path / 'rl'}", *MICRO_RL,
+         "--max_steps=1", "--minibatches=1", "--ckpt_interval=0"])
+    for name in ("pmtp", "djo", "rl"):
+        with open(tmp_path / name / "log.jsonl") as f:
+            logs[name] = [json.loads(line) for line in f]
+        assert all(0.3 < r["idm"] < 1.4 for r in logs[name] if "loss" in r or "reward" in r), (name, logs[name])
+        assert any("idm" in r for r in logs[name]), name
+    assert logs["rl"][0]["approx_kl"] == 0.0 and logs["rl"][0]["clip_frac"] == 0.0
+
+
+def test_the_leakage_probe_reports_isr_color_accuracy_and_color_leak():
+    scenes = data.make_scene_set("leakage", 12, seed=0)
+    renders = [data.render_scene(scene, 64) for scene in scenes]
+    swapped = [data.render_scene(dict(scene, instances=[dict(a, color=b["color"], rgb=b["rgb"]) for a, b in
+                                                        zip(scene["instances"], scene["instances"][::-1])]), 64)
+               for scene in scenes]
+    assert evaluation.leakage_metrics(scenes, renders) == {"color_leak": 0.0}
+    assert evaluation.leakage_metrics(scenes, swapped) == {"color_leak": 1.0}
+    assert data.check_images(scenes, swapped)["color_acc"] == 0.0
+    assert evaluation.leakage_metrics(data.make_scene_set("val", 4, seed=0), renders[:4]) == {}
+    # eval.evaluate (what eval.py --sets ...,leakage prints) on a micro model
+    torch.manual_seed(0)
+    config = dataclasses.replace(WITH_IDM, res=32, patch=8, vocab_size=data.build_tokenizer().get_vocab_size(),
+                                 max_caption_len=data.MAX_CAPTION_LEN, max_phrase_len=data.MAX_PHRASE_LEN,
+                                 max_instances=4)
+    metrics = evaluation.evaluate(EchoGen(config).eval(), scenes[:2], data.build_tokenizer(), steps=2)
+    assert {"isr", "color_acc", "color_leak", "grounding"} <= set(metrics)
+    assert "leak" in evaluation.summary(metrics)
