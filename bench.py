@@ -39,6 +39,7 @@ max_instances = 8
 ground_every = 4  # PMTP as in train_pretrain.py; 0 = the generation-only step
 ground_depth = 2
 idm = False  # IDM in every block, L_dis in the loss (model.IDM)
+box_attn_bias = 2.0  # the spatial prior of layout conditioning (model.box_attention_bias)
 batch_size = 32
 lr = 1e-3
 device = "auto"
@@ -89,7 +90,8 @@ def main():
     config = ModelConfig(res=res, patch=patch, dim=dim, depth=depth, heads=heads, text_depth=text_depth,
                          vocab_size=tokenizer.get_vocab_size(), max_instances=max_instances,
                          max_caption_len=data.MAX_CAPTION_LEN, max_phrase_len=data.MAX_PHRASE_LEN,
-                         grounding=ground_every > 0, ground_depth=ground_depth, idm=idm)
+                         grounding=ground_every > 0, ground_depth=ground_depth, idm=idm,
+                         box_attn_bias=box_attn_bias)
     model = EchoGen(config).to(dev)
     criterion = detector.GroundingCriterion() if ground_every else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, fused=dev.type == "cuda")

@@ -125,27 +125,33 @@ class TextEncoder(nn.Module):
 
 
 class LayoutEmbedding(nn.Module):
-    """One token per instance (CreatiLayout): MLP([Fourier(box), pooled phrase]); a learned null
-    token fills empty slots (and every slot when the condition is dropped for CFG). The same MLP
-    makes the grounding queries, with a learned "box unknown" vector in place of the Fourier part:
-    the layout token of an instance whose box is what we ask for."""
+    """One token per instance (CreatiLayout): MLP([Fourier(box), pooled phrase]), its first layer
+    written as a box projection plus a phrase projection; a learned null token fills empty slots
+    (and every slot when the condition is dropped for CFG). The same MLP makes the grounding
+    queries, with a learned "box unknown" vector in place of the projected box: the layout token
+    of an instance whose box is what we ask for. The vector replaces the projection rather than the
+    Fourier features so that the grounding loss never trains the box projection: fed a constant
+    input in every query, it would receive grounding gradients ~100 x the flow's (measured at
+    PMTP's start), which under Adam's per-weight normalization drown the generator's signal there."""
 
     def __init__(self, dim, n_freqs):
         super().__init__()
         self.n_freqs = n_freqs
-        self.mlp = nn.Sequential(nn.Linear(8 * n_freqs + dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.box_proj = nn.Linear(8 * n_freqs, dim)
+        self.phrase_proj = nn.Linear(dim, dim)
+        self.out = nn.Sequential(nn.SiLU(), nn.Linear(dim, dim))
         self.null = nn.Parameter(torch.zeros(dim))
-        self.box_unknown = nn.Parameter(torch.zeros(8 * n_freqs))
+        self.box_unknown = nn.Parameter(torch.zeros(dim))
         nn.init.normal_(self.null, std=0.02)
-        nn.init.normal_(self.box_unknown, std=0.5)  # on the scale of the sin/cos features it replaces
+        nn.init.normal_(self.box_unknown, std=0.5)  # the scale of a projected box (std ~0.6 at xavier init)
 
     def forward(self, phrase_pooled, boxes, instance_mask):
         """phrase_pooled (B, N, D), boxes (B, N, 4) xyxy in [0, 1] or None (unknown), instance_mask (B, N)."""
         if boxes is None:
-            box_features = self.box_unknown.to(phrase_pooled.dtype).expand(*phrase_pooled.shape[:2], -1)
+            box_part = self.box_unknown.to(phrase_pooled.dtype).expand_as(phrase_pooled)
         else:
-            box_features = fourier_box_embedding(boxes, self.n_freqs).to(phrase_pooled.dtype)
-        tokens = self.mlp(torch.cat([box_features, phrase_pooled], dim=-1))
+            box_part = self.box_proj(fourier_box_embedding(boxes, self.n_freqs).to(phrase_pooled.dtype))
+        tokens = self.out(box_part + self.phrase_proj(phrase_pooled))
         return torch.where(instance_mask.unsqueeze(-1), tokens, self.null.to(tokens.dtype))
 
 
@@ -188,8 +194,9 @@ class StreamWeights(nn.Module):
 
 def joint_attention(qkv_streams, attn_mask, probe=None):
     """Concatenate the streams' q, k, v along the sequence, one fused attention call, split back.
-    qkv_streams: list of (q, k, v), each (B, H, L_i, Dh); attn_mask: bool, broadcastable to
-    (B, H, L, L) with L = sum L_i, True = may attend. Returns a list of (B, L_i, H*Dh).
+    qkv_streams: list of (q, k, v), each (B, H, L_i, Dh); attn_mask: bool (True = may attend) or
+    additive float (box_attention_bias), broadcastable to (B, H, L, L) with L = sum L_i.
+    Returns a list of (B, L_i, H*Dh).
     probe (L, M), one-hot columns that each pick a key, or None: with a probe, also returns every
     query's attention weights on the picked keys, (B, H, L, M). The probe rides along as M extra
     value channels (sum_k A[q, k] onehot_m[k] = A[q, key m]), so the weights come out of the same
@@ -198,6 +205,8 @@ def joint_attention(qkv_streams, attn_mask, probe=None):
     Dh = v.shape[-1]
     if probe is not None:
         v = torch.cat([v, probe.to(v.dtype).expand(*v.shape[:2], -1, -1)], dim=-1)  # (B, H, L, Dh + M)
+    if attn_mask.is_floating_point():
+        attn_mask = attn_mask.to(q.dtype)  # SDPA wants a float mask in the queries' dtype (bf16 under autocast)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, H, L, Dh [+ M])
     if probe is not None:
         out, weights = out[..., :Dh], out[..., Dh:]  # (B, H, L, Dh), (B, H, L, M)
@@ -353,6 +362,23 @@ def task_attention_mask(caption_mask, instance_mask, task, n_queries, n_image):
     return torch.cat(rows, dim=1)[:, None]  # (B, 1, L, L)
 
 
+def box_attention_bias(attn_mask, box_coverage, instance_mask, n_caption, strength):
+    """The spatial prior of layout conditioning: the boolean mask (B, 1, 1 or L, L) as an additive
+    float mask (B, 1, L, L), plus strength x the share of image patch p covered by instance n's box
+    on the logit of image query p for layout key n. box_coverage (B, N, P) (patch_box_coverage),
+    instance_mask (B, N): real, not dropped instances; n_caption: the caption tokens before the
+    layout tokens. Only image rows get the prior, so the layout and query tokens attend as before.
+    Why: without it the tiny model had to discover from scratch which patch lies in which Fourier-
+    embedded box; that took ~250 steps alone and never happened within 2000 steps beside the
+    grounding task (README, Figures). Hidden layout keys (-inf) stay hidden."""
+    B, N, P = box_coverage.shape
+    L = attn_mask.shape[-1]
+    bias = torch.zeros(B, 1, L, L, device=attn_mask.device).masked_fill(~attn_mask, float("-inf"))
+    prior = strength * (box_coverage * instance_mask[..., None]).transpose(1, 2)  # (B, P, N)
+    bias[:, 0, L - P:, n_caption:n_caption + N] += prior
+    return bias
+
+
 # -----------------------------------------------------------------------------
 # the model
 
@@ -375,6 +401,7 @@ class ModelConfig:
     grounding: bool = True  # the grounding head and the task embedding; False = the generation-only model
     ground_depth: int = 2  # decoder layers of the grounding head
     idm: bool = False  # I-DRUID's IDM in every block (and L_dis on request); False = the plain model
+    box_attn_bias: float = 2.0  # logit bonus of an image patch for the layout tokens whose box covers it; 0 = none
 
 
 class EchoGen(nn.Module):
@@ -498,6 +525,9 @@ class EchoGen(nn.Module):
             attn_mask = torch.cat([cond["caption_mask"], keys], dim=1)[:, None, None, :]  # (B, 1, 1, L)
         else:
             attn_mask = task_attention_mask(cond["caption_mask"], cond["instance_mask"], task, N, P)
+        if self.config.box_attn_bias and cond["boxes"] is not None:  # ground() has no boxes
+            attn_mask = box_attention_bias(attn_mask, patch_box_coverage(cond["boxes"], self.grid),
+                                           cond["instance_mask"], cond["caption_mask"].shape[1], self.config.box_attn_bias)
         cond_tokens, idm_inputs, idm_losses = cond["tokens"], None, []
         if self.config.idm:
             idm_inputs = self.idm_inputs(cond, P)

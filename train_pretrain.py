@@ -66,6 +66,7 @@ heads = 4
 text_depth = 2
 max_instances = 8
 idm = False  # IDM in every block (model.IDM, DESIGN.md "The model"); False = the plain model
+box_attn_bias = 2.0  # the spatial prior of layout conditioning (model.box_attention_bias); 0 = none
 # optimizer
 batch_size = 32  # per rank and micro-step; global batch = batch_size * grad_accum * world size
 grad_accum = 1
@@ -125,7 +126,8 @@ judge_grounder = detector.load_grounder(judge, dev) if judge else None
 model_config = ModelConfig(res=res, patch=patch, dim=dim, depth=depth, heads=heads, text_depth=text_depth,
                            vocab_size=tokenizer.get_vocab_size(), max_instances=max_instances,
                            max_caption_len=data.MAX_CAPTION_LEN, max_phrase_len=data.MAX_PHRASE_LEN,
-                           grounding=ground_every > 0, ground_depth=ground_depth, idm=idm)
+                           grounding=ground_every > 0, ground_depth=ground_depth, idm=idm,
+                           box_attn_bias=box_attn_bias)
 model = EchoGen(model_config).to(dev)
 criterion = detector.GroundingCriterion() if ground_every else None
 ema = copy.deepcopy(model).eval().requires_grad_(False)

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import sampler
-from model import EchoGen, ModelConfig, flow_loss, fourier_box_embedding, interpolate
+from model import (EchoGen, ModelConfig, box_attention_bias, flow_loss, fourier_box_embedding, interpolate,
+                   patch_box_coverage)
 
 TINY = ModelConfig(res=16, patch=2, dim=32, depth=2, heads=2, text_depth=1, vocab_size=20,
                    max_caption_len=10, max_phrase_len=4, max_instances=3)
@@ -193,3 +194,22 @@ def test_ground_reads_clean_images_and_returns_boxes_per_slot():
     assert torch.all((out["boxes"] >= 0) & (out["boxes"] <= 1))
     other = model.ground(images.flip(-1), batch["caption_ids"], batch["phrase_ids"], batch["instance_mask"])
     assert not torch.allclose(other["boxes"], out["boxes"], atol=1e-4), "grounding must read the image"
+
+
+def test_box_prior_adds_to_covered_image_logits_only_and_keeps_hidden_keys_hidden():
+    Lc, N, P, grid = 3, 2, 4, 2  # sequence [caption 3 | layout 2 | image 4]
+    L = Lc + N + P
+    boxes = torch.tensor([[[0.0, 0.0, 0.5, 0.5], [0.25, 0.0, 1.0, 1.0]]])  # the top-left patch; the right 3/4
+    coverage = patch_box_coverage(boxes, grid)  # (1, N, P)
+    torch.testing.assert_close(coverage, torch.tensor([[[1.0, 0, 0, 0], [0.5, 1, 0.5, 1]]]))
+    mask = torch.ones(1, 1, L, L, dtype=torch.bool)
+    mask[..., 1] = False  # a hidden key
+    bias = box_attention_bias(mask, coverage, torch.tensor([[True, True]]), Lc, strength=2.0)
+    assert bias.shape == (1, 1, L, L) and torch.isinf(bias[..., 1]).all() and (bias[..., 1] < 0).all()
+    expected = torch.zeros(L, L)
+    expected[:, 1] = float("-inf")
+    expected[Lc + N:, Lc:Lc + N] = 2.0 * coverage[0].T  # image rows x layout keys, nothing else
+    assert torch.equal(bias[0, 0], expected)
+    # a dropped instance (CFG) or an empty slot gets no prior
+    dropped = box_attention_bias(mask, coverage, torch.tensor([[True, False]]), Lc, strength=2.0)
+    assert (dropped[0, 0, Lc + N:, Lc + 1] == 0).all() and torch.equal(dropped[0, 0, Lc + N:, Lc], expected[Lc + N:, Lc])
