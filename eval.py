@@ -5,13 +5,25 @@ model's own grounding of the world's true renders.
 
     python eval.py --ckpt out/pretrain/ckpt                          # val and heldout, 64 scenes each
     python eval.py --ckpt out/pretrain/ckpt --sets val,heldout,crowded,leakage --n 64 --steps 25 --cfg 3.0
+    python eval.py --ckpt out/pretrain/ckpt --sets val,heldout,crowded,leakage --judge out/detector/ckpt --out out/eval
 
-prints one JSON line per set. "leakage" is the attribute-leakage probe (two objects of one shape in
-two colors side by side, where IDM should help): besides the checker's ISR and color accuracy
-(its own color found in each box) it reports color_leak, the share of boxes holding the other
-object's color. The sets, seeds and sampling noise are fixed, so two runs of the
-same checkpoint print the same figures. The training scripts call evaluate() for their periodic
-validation figures.
+prints one JSON line per set, then a markdown table (a row per set). The sets: "val" in-distribution,
+"heldout" the held-out compositions, "crowded" 5 to 8 objects, "leakage" the attribute-leakage probe
+(two objects of one shape in two colors side by side, where IDM should help): besides the checker's
+ISR and color accuracy (its own color found in each box) it reports color_leak, the share of boxes
+holding the other object's color. Per set, at the checkpoint's resolution:
+  - the rule-based checker on the generated images: ISR, mIoU, color and shape accuracy, image success;
+  - "grounding": the model's own head on the world's true renders (Acc@0.5, mIoU, AP);
+  - "self_grounding": the same head on the model's own images against the asked boxes (Acc@0.5, mIoU),
+    the view Cycle RL's reward takes: rising beside a flat checker, it shows reward hacking;
+  - with --judge (a StandaloneDetector of the same resolution, detector.py train --res=R): "judge", its
+    ISR and mIoU (IoU >= 0.5 with the asked box) on the generated images, a learned verdict beside the
+    checker's.
+--out DIR writes table.md, results.json and DIR/grids/{set}.png (per row: the generated image with the
+asked boxes | the true render | the model's own grounding of its generated image). The sets, seeds
+and sampling noise are fixed, so two runs of the same checkpoint print and write the same figures.
+The training scripts call evaluate() for their periodic validation figures; pipeline.py calls
+evaluate_checkpoint() after every stage.
 
 On real data (a COCO-format set: --dataset as the training scripts take it, by default the one the
 checkpoint was trained on) there is no checker. The scenes are the data set's held-out images;
@@ -24,8 +36,10 @@ ceiling); grounding is scored against the annotations:
 
 import argparse
 import json
+import os
 
 import torch
+from tqdm import tqdm
 
 import data
 import detector
@@ -63,40 +77,80 @@ def judge_images(judge, scenes, images):
             "n_instances": sum(len(scene["instances"]) for scene in scenes)}
 
 
-def real_data_metrics(model, scenes, tokenizer, steps, cfg, shift, grid_path, judge):
+def real_data_metrics(scenes, images, truths, judge):
     """Real scenes (they carry their image) have no checker: the judge's figures of the model's images
-    when a judge is given, and "judge_real", the same judge on the real images (its ceiling). A grid:
-    generated image with the asked boxes | the real image with them. -> (metrics, generated images)"""
-    images, truths = sampler.generate(model, scenes, tokenizer, steps, cfg, shift), data.scene_images(scenes, model.config.res)
+    when a judge is given, and "judge_real", the same judge on the real images (its ceiling)."""
     metrics = {}
     if judge is not None:
         metrics.update(judge_images(judge, scenes, images))
         metrics["judge_real"] = judge_images(judge, scenes, truths)
-    if grid_path:
-        data.save_grid(grid_path, [[data.draw_boxes(image, scene), data.draw_boxes(truth, scene)]
-                                   for scene, image, truth in list(zip(scenes, images, truths))[:8]])
-    return metrics, images
+    return metrics
 
 
-def evaluate(model, scenes, tokenizer, steps=25, cfg=3.0, shift=1.0, grid_path=None, judge=None):
+def own_grounder(model, tokenizer):
+    """The model's own grounding head as a detector.Grounder; None without one (generation only, or no model)."""
+    if model is None or not model.config.grounding:
+        return None
+    device = next(model.parameters()).device
+    return detector.Grounder("EchoGen", model, tokenizer, model.config.res, model.config.max_instances, device)
+
+
+def ground(grounder, scenes, images):
+    """A grounder's boxes for the scenes' phrases in images, and its figures against the scenes' boxes
+    -> (boxes_xyxy (S, N, 4), {"acc50", "miou", "ap", "ap50"})."""
+    boxes, scores = detector.ground_scenes(grounder, scenes, images, grounder.tokenizer, grounder.max_instances,
+                                           grounder.device)
+    return boxes, {k: round(v, 4) for k, v in detector.grounding_metrics(boxes, scores, scenes).items()}
+
+
+def drawable(box, res):
+    """A predicted xyxy box that data.draw_boxes can draw: at least a pixel of the image wide and high
+    (a collapsed prediction would otherwise make PIL refuse the rectangle)."""
+    x0, y0, x1, y1 = (float(v) for v in box)
+    return [x0, y0, max(x1, x0 + 1 / res), max(y1, y0 + 1 / res)]
+
+
+def grid_rows(scenes, images, truths, own_boxes=None, n_rows=8):
+    """Rows of a sample grid: the generated image with the asked boxes | the true render (or real image)
+    with them | with own_boxes, the generated image with the boxes the model's head found in it."""
+    rows = []
+    for i, (scene, image, truth) in enumerate(list(zip(scenes, images, truths))[:n_rows]):
+        row = [data.draw_boxes(image, scene), data.draw_boxes(truth, scene)]
+        if own_boxes is not None:
+            found = [dict(inst, box=drawable(own_boxes[i, j], image.shape[0])) for j, inst in enumerate(scene["instances"])]
+            row.append(data.draw_boxes(image, dict(scene, instances=found)))
+        rows.append(row)
+    return rows
+
+
+def evaluate(model, scenes, tokenizer, steps=25, cfg=3.0, shift=1.0, grid_path=None, judge=None, generator=None):
     """The checker's figures of the model's images of `scenes` (at the model's resolution), color_leak
     on the leakage probe, and, for a model with a grounding head, {"grounding": Acc@0.5, mIoU, AP} of
-    its grounding of the true renders. Real scenes: real_data_metrics instead of the checker's, and
-    grounding of the real images. A judge on ShapeScenes adds its figures as {"judge": ...}."""
-    if data.is_real(scenes):
-        metrics, images = real_data_metrics(model, scenes, tokenizer, steps, cfg, shift, grid_path, judge)
+    its grounding of the true renders and {"self_grounding": Acc@0.5, mIoU} of its grounding of its
+    own images. Real scenes: real_data_metrics instead of the checker's, and grounding of the real
+    images. A judge on ShapeScenes adds its figures as {"judge": ...}. grid_path: a sample grid
+    (grid_rows). generator: scenes -> uint8 images, in place of sampling the model (the tests score
+    the world's true renders and noise through it); with one, model may be None (no grounding)."""
+    if generator is None:
+        generator = lambda scenes: sampler.generate(model, scenes, tokenizer, steps, cfg, shift)
+    images = generator(scenes)
+    res = images[0].shape[0] if len(images) else model.config.res
+    truths = data.scene_images(scenes, res)  # the true renders, or the real images
+    real = data.is_real(scenes)
+    if real:
+        metrics = real_data_metrics(scenes, images, truths, judge)
     else:
-        metrics, images = sampler.generate_and_check(model, scenes, tokenizer, steps, cfg, shift, grid_path=grid_path,
-                                                     return_images=True)
-        metrics.update(leakage_metrics(scenes, images))
+        metrics = {**data.check_images(scenes, images), **leakage_metrics(scenes, images)}
         if judge is not None:
             metrics["judge"] = judge_images(judge, scenes, images)
-    if model.config.grounding:
-        device = next(model.parameters()).device
-        renders = data.scene_images(scenes, model.config.res)  # the true renders, or the real images
-        grounder = detector.Grounder("EchoGen", model, tokenizer, model.config.res, model.config.max_instances, device)
-        boxes, scores = detector.ground_scenes(grounder, scenes, renders, tokenizer, model.config.max_instances, device)
-        metrics["grounding"] = {k: round(v, 4) for k, v in detector.grounding_metrics(boxes, scores, scenes).items()}
+    grounder, own_boxes = own_grounder(model, tokenizer), None
+    if grounder is not None:
+        metrics["grounding"] = ground(grounder, scenes, truths)[1]
+        if not real:  # the view of Cycle RL's reward: the head's boxes in the model's own images
+            own_boxes, found = ground(grounder, scenes, images)
+            metrics["self_grounding"] = {"acc50": found["acc50"], "miou": found["miou"]}
+    if grid_path:
+        data.save_grid(grid_path, grid_rows(scenes, images, truths, own_boxes))
     return metrics
 
 
@@ -109,7 +163,99 @@ def summary(metrics):
         line += " leak {color_leak:.3f}".format(**metrics)
     if "grounding" in metrics:
         line += " | grounding Acc@0.5 {acc50:.3f} mIoU {miou:.3f} AP {ap:.3f}".format(**metrics["grounding"])
+    if "self_grounding" in metrics:
+        line += " self {acc50:.3f}".format(**metrics["self_grounding"])
+    if "judge" in metrics:
+        line += " | judge ISR {isr:.3f} mIoU {miou:.3f}".format(**metrics["judge"])
     return line
+
+
+# -----------------------------------------------------------------------------
+# the results table of a checkpoint (a row per set) or of the pipeline (a row per model)
+
+SET_NAMES = {"train": "training scenes", "val": "in-distribution", "heldout": "held-out compositions",
+             "crowded": "crowded, 5 to 8 objects", "leakage": "attribute-leakage probe"}
+COLUMNS = [  # (header, where the figure lives in a set's metrics)
+    ("ISR", ("isr",)), ("mIoU", ("miou",)), ("color acc", ("color_acc",)), ("shape acc", ("shape_acc",)),
+    ("image success", ("image_success",)), ("color leak", ("color_leak",)),
+    ("judge ISR", ("judge", "isr")), ("judge mIoU", ("judge", "miou")),
+    ("grounding Acc@0.5", ("grounding", "acc50")), ("grounding mIoU", ("grounding", "miou")),
+    ("grounding AP", ("grounding", "ap")), ("self-grounding Acc@0.5", ("self_grounding", "acc50")),
+]
+
+
+def figure(metrics, path):
+    for key in path:
+        if not isinstance(metrics, dict) or key not in metrics:
+            return None
+        metrics = metrics[key]
+    return metrics
+
+
+def markdown_table(rows, first_header):
+    """rows: [(label, a set's metrics)] -> a markdown table of COLUMNS; a column that no row has (no
+    judge, no grounding head, no leakage probe) is left out, a figure one row lacks is "-"."""
+    columns = [(header, path) for header, path in COLUMNS if any(figure(m, path) is not None for _, m in rows)]
+    lines = ["| " + " | ".join([first_header] + [header for header, _ in columns]) + " |",
+             "| " + " | ".join(["---"] * (len(columns) + 1)) + " |"]
+    for label, metrics in rows:
+        cells = [figure(metrics, path) for _, path in columns]
+        lines.append("| " + " | ".join([label] + ["-" if v is None else f"{v:.3f}" for v in cells]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_text(path, text):
+    """Atomically (a temporary name, then a rename): a reader never sees half a table."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    data._write_atomically(path, lambda f: f.write(text.encode()))
+
+
+def load_judge(path, res, device):
+    """The standalone judge of a ShapeScenes evaluation; it must see the images at the resolution they
+    were made at (a judge trained at another one would be scoring resized images it never saw)."""
+    judge = detector.load_grounder(path, device)
+    if judge.res != res:
+        runtime.fail(f"--judge '{path}': a judge of resolution {judge.res}, the model makes {res} "
+                     f"(train one with detector.py train --res={res})")
+    return judge
+
+
+def evaluate_checkpoint(ckpt, sets, n=64, steps=25, cfg=3.0, shift=1.0, device="cpu", judge="", out_dir=None,
+                        label=None):
+    """evaluate() of a checkpoint's EMA weights on each ShapeScenes set (n scenes, seed 0), with a
+    tqdm line. out_dir: results.json ({"ckpt", "step", the settings, "sets": {set: metrics}}),
+    table.md and grids/{set}.png. -> the results dict."""
+    model, tokenizer, saved = runtime.load_model(ckpt, "ema", device)
+    for kind in sets:
+        if kind not in data.SCENE_SETS:
+            runtime.fail(f"--sets: unknown set '{kind}' ({', '.join(data.SCENE_SETS)})")
+        most = data.SCENE_SETS[kind][1][1]
+        if most > model.config.max_instances:
+            runtime.fail(f"--sets: '{kind}' holds up to {most} objects, the model at '{ckpt}' takes "
+                         f"max_instances = {model.config.max_instances}")
+    judge_grounder = load_judge(judge, model.config.res, device) if judge else None
+    results = {"ckpt": ckpt, "step": saved.get("step"), "res": model.config.res, "n": n, "steps": steps, "cfg": cfg,
+               "shift": shift, "judge": judge or None, "sets": {}}
+    for kind in tqdm(sets, desc=f"eval {label or ckpt}"):
+        scenes = data.make_scene_set(kind, n, seed=0)
+        grid = os.path.join(out_dir, "grids", f"{kind}.png") if out_dir else None
+        if grid:
+            os.makedirs(os.path.dirname(grid), exist_ok=True)
+        results["sets"][kind] = evaluate(model, scenes, tokenizer, steps, cfg, shift, grid_path=grid,
+                                         judge=judge_grounder)
+    if out_dir:
+        write_text(os.path.join(out_dir, "results.json"), json.dumps(results, indent=1) + "\n")
+        write_text(os.path.join(out_dir, "table.md"), checkpoint_table(results))
+    return results
+
+
+def checkpoint_table(results):
+    """The markdown table of one checkpoint's results: a row per set, under a line naming what made it."""
+    judge = f", judged by {results['judge']}" if results["judge"] else ""
+    head = (f"{results['ckpt']} (step {results['step']}), R = {results['res']}, {results['n']} scenes per set, "
+            f"{results['steps']} Euler steps, CFG {results['cfg']}{judge}\n\n")
+    rows = [(f"{kind} ({SET_NAMES.get(kind, kind)})", metrics) for kind, metrics in results["sets"].items()]
+    return head + markdown_table(rows, "set")
 
 
 def main():
@@ -123,18 +269,21 @@ def main():
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--dataset", help=f"{data.DATASET_HELP}; default: the checkpoint's own")
     parser.add_argument("--data_dir", help="where the data set's cache lives; default: the checkpoint's own")
-    parser.add_argument("--judge", default="", help="a StandaloneDetector checkpoint trained on the real training "
-                        "images: scores layout-to-image on real data (COCO-MIG's ISR and mIoU)")
+    parser.add_argument("--judge", default="", help="a StandaloneDetector checkpoint: on ShapeScenes one trained at the "
+                        "model's resolution (detector.py train --res=R), its verdict beside the checker's; on real data "
+                        "one trained on the real training images (COCO-MIG's ISR and mIoU)")
+    parser.add_argument("--out", default="", help="ShapeScenes: write table.md, results.json and grids/{set}.png here")
     args = parser.parse_args()
     sets = args.sets.split(",")
     for kind in sets:
         if kind not in data.SCENE_SETS:
             runtime.fail(f"--sets: unknown set '{kind}' ({', '.join(data.SCENE_SETS)})")
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device)
-    model, tokenizer, saved = runtime.load_model(args.ckpt, "ema", device)
-    judge = detector.load_grounder(args.judge, device) if args.judge else None
-    dataset = args.dataset or saved["train"].get("dataset", "shapescenes")
+    saved = runtime.read_checkpoint_config(args.ckpt)
+    dataset = args.dataset or saved.get("train", {}).get("dataset", "shapescenes")
     if dataset != "shapescenes":  # real data: its held-out images, at the model's resolution, with its tokenizer
+        model, tokenizer, saved = runtime.load_model(args.ckpt, "ema", device)
+        judge = detector.load_grounder(args.judge, device) if args.judge else None
         try:
             _, _, scenes = data.load_dataset(dataset, model.config.res, model.config.max_instances,
                                              args.data_dir or saved["train"].get("data_dir", "data"),
@@ -144,10 +293,14 @@ def main():
         metrics = evaluate(model, scenes, tokenizer, args.steps, args.cfg, args.shift, judge=judge)
         print(json.dumps({"set": "val", "dataset": dataset, "n": len(scenes), **metrics}), flush=True)
         return
-    for kind in sets:
-        scenes = data.make_scene_set(kind, args.n, seed=0)
-        metrics = evaluate(model, scenes, tokenizer, args.steps, args.cfg, args.shift, judge=judge)
+    results = evaluate_checkpoint(args.ckpt, sets, args.n, args.steps, args.cfg, args.shift, device, args.judge,
+                                  args.out or None)
+    for kind, metrics in results["sets"].items():
         print(json.dumps({"set": kind, "n": args.n, **metrics}), flush=True)
+    print("\n" + checkpoint_table(results), end="")
+    if args.out:
+        print(f"wrote {os.path.join(args.out, 'table.md')}, {os.path.join(args.out, 'results.json')} and the sample "
+              f"grids {os.path.join(args.out, 'grids', '{set}.png')}")
 
 
 if __name__ == "__main__":

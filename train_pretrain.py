@@ -46,7 +46,7 @@ from model import EchoGen, ModelConfig, pmtp_loss, sample_pmtp_draws
 # config: the tiny CPU config; config/gpu.py overrides it for R = 64
 # I/O
 out_dir = "out/pretrain"
-init_from = "scratch"  # "scratch" or "resume" (from out_dir/ckpt)
+init_from = "scratch"  # "scratch", "resume" (from out_dir/ckpt), or a checkpoint folder to warm-start from (see warm_start)
 log_interval = 10  # steps between JSONL log lines
 eval_interval = 250  # steps between checker figures and a sample grid (0 = only at the end)
 ckpt_interval = 250  # steps between checkpoints (always one at the end)
@@ -108,8 +108,8 @@ config = {k: globals()[k] for k in config_keys}
 
 dist_ctx = runtime.Dist(device)
 dev = dist_ctx.device
-if init_from not in ("scratch", "resume"):
-    runtime.fail(f"init_from must be 'scratch' or 'resume', got {init_from!r}")
+if init_from not in ("scratch", "resume") and not os.path.isdir(init_from):
+    runtime.fail(f"init_from must be 'scratch', 'resume' or a checkpoint folder, got {init_from!r}")
 if ground_every and batch_size % ground_every:
     runtime.fail(f"batch_size {batch_size} must be a multiple of ground_every {ground_every}, "
                  "so that every micro-batch holds both tasks")
@@ -133,11 +133,28 @@ criterion = detector.GroundingCriterion() if ground_every else None
 ema = copy.deepcopy(model).eval().requires_grad_(False)
 optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(beta1, beta2), weight_decay=weight_decay,
                               fused=dev.type == "cuda")
+
+
+def warm_start(path):
+    """Model and EMA weights from another run's checkpoint; a fresh optimizer, schedule and step 0.
+    The architecture must be the same, except that IDM may be switched on: its weights are then new,
+    and a fresh IDM computes what the plain model did (model.IDM), so the run starts where that one ended."""
+    saved = runtime.read_checkpoint_config(path)
+    runtime.check_same_model_config(path, {**saved["model"], "idm": idm}, model_config)
+    for module, which in ((model, "model"), (ema, "ema")):
+        missing, unexpected = module.load_state_dict(runtime.load_weights(path, which), strict=False)
+        if unexpected or any(".idm." not in key for key in missing):
+            runtime.fail(f"checkpoint '{path}': its {which} weights do not fit this model "
+                         f"(missing {missing[:2]}, unexpected {unexpected[:2]})")
+
+
 step = 0
 if init_from == "resume":
     saved = runtime.read_checkpoint_config(ckpt_path)
     runtime.check_same_model_config(ckpt_path, saved["model"], model_config)
     step = runtime.load_train_state(ckpt_path, model, ema, optimizer)
+elif init_from != "scratch":
+    warm_start(init_from)
 if dist_ctx.master:
     print(f"EchoGen generator: {model.num_params() / 1e6:.2f}M parameters, res {res}, "
           f"global batch {global_batch} on {dist_ctx.world} x {dev.type}, from step {step}")

@@ -6,6 +6,8 @@ import dataclasses
 import hashlib
 import json
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -18,7 +20,7 @@ import eval as evaluation
 import runtime
 from model import (EchoGen, IDM, ModelConfig, cas, disentangle_loss, djo_loss, joint_attention, patch_box_coverage,
                    pmtp_loss)
-from test_rl import MICRO_PRETRAIN, MICRO_RL, run
+from test_rl import MICRO_PRETRAIN, MICRO_RL, ROOT, run
 
 PLAIN = ModelConfig(res=16, patch=2, dim=32, depth=2, heads=2, text_depth=1, vocab_size=20,
                     max_caption_len=10, max_phrase_len=4, max_instances=3)
@@ -288,6 +290,24 @@ def test_training_scripts_switch_idm_on_and_log_l_dis(tmp_path):
         assert all(0.3 < r["idm"] < 1.4 for r in logs[name] if "loss" in r or "reward" in r), (name, logs[name])
         assert any("idm" in r for r in logs[name]), name
     assert logs["rl"][0]["approx_kl"] == 0.0 and logs["rl"][0]["clip_frac"] == 0.0
+
+
+def test_idm_switches_on_from_a_plain_checkpoint_and_not_back(tmp_path):
+    """train_pretrain.py --init_from=CKPT --idm=True: the plain run's weights, a fresh IDM (the identity), so
+    the first loss equals the plain model's on the same batch; an IDM checkpoint into a plain model is refused."""
+    common = [*MICRO_PRETRAIN, "--log_interval=1", "--max_steps=1", f"--data_dir={tmp_path / 'data'}"]
+    run(["train_pretrain.py", *MICRO_PRETRAIN, f"--data_dir={tmp_path / 'data'}", f"--out_dir={tmp_path / 'plain'}"])
+    first_loss = {}
+    for name, flag in (("off", "--idm=False"), ("on", "--idm=True")):
+        run(["train_pretrain.py", *common, flag, "--idm_weight=0", f"--init_from={tmp_path / 'plain' / 'ckpt'}",
+             f"--out_dir={tmp_path / name}"])
+        first_loss[name] = json.loads((tmp_path / name / "log.jsonl").read_text().splitlines()[0])["flow"]
+    assert first_loss["on"] == pytest.approx(first_loss["off"], rel=1e-5)
+    result = subprocess.run([sys.executable, "train_pretrain.py", *common, f"--init_from={tmp_path / 'on' / 'ckpt'}",
+                             f"--out_dir={tmp_path / 'back'}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert result.returncode != 0 and last_line.startswith("error: checkpoint") and "do not fit" in last_line
+    assert not (tmp_path / "back" / "ckpt").exists()
 
 
 def test_the_leakage_probe_reports_isr_color_accuracy_and_color_leak():

@@ -1,0 +1,300 @@
+"""
+The main job: EchoGen's three stages on one command, each model evaluated as soon as it exists, and
+one results table at the end (DESIGN.md "The three stages" and "Honest measurement").
+
+    python pipeline.py                          # the tiny CPU config (R = 32) -> out/pipeline/
+    python pipeline.py --preset=gpu --nproc=8   # R = 64 (config/gpu.py); the training stages under torchrun
+    python pipeline.py --fresh                  # start over (by default finished stages are skipped)
+
+The stages, in order; each training stage is a subprocess of its own script, so its tqdm line, its
+torchrun launch and its checkpoint format stay the script's own:
+    judge      detector.py train             the standalone detector, on true renders only, at the pipeline's R
+    gen_only   train_pretrain.py --ground_every=0    the generation-only baseline
+    pmtp       train_pretrain.py             stage 1, PMTP
+    pmtp_idm   train_pretrain.py --idm=True  PMTP with IDM: with pmtp, the IDM on/off pair
+    djo        train_joint.py                stage 2, DJO, from pmtp
+    cycle_rl   train_cycle_rl.py --algo=grpo stage 3, Cycle RL (GRPO), from djo
+gen_only, pmtp and pmtp_idm get the same step budget, so that their rows compare at equal training.
+After each model stage, eval.evaluate_checkpoint scores it on the fixed scene sets (in-distribution,
+held-out compositions, crowded, the attribute-leakage probe) with the checker, the model's own
+grounding head and the judge.
+
+What out_dir holds: {stage}/ (the script's out_dir: ckpt/, log.jsonl), eval/{stage}/ (eval.py's
+table.md, results.json, grids/{set}.png: generated image with the asked boxes | true render | the
+model's own grounding of its image), and table.md + results.json: per scene set a table with a row
+per model, under a first row of the world's true renders (the ceiling of every column at this R).
+
+Resuming: a stage whose checkpoint has reached its budget is skipped and one cut short resumes from
+its checkpoint; a stage whose command changed (a budget tuned in PRESETS) is trained again, and so is
+every stage that starts from a stage trained in this run; an evaluation is repeated only when its
+model, the judge or the evaluation settings changed. --fresh deletes what the pipeline wrote first.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import torch
+
+import data
+import eval as evaluation  # eval.py; renamed so as not to shadow the builtin
+import runtime
+
+# -----------------------------------------------------------------------------
+# presets: the step budgets, evaluation settings and per-script arguments (on top of each script's own
+# defaults) of every stage; the stages' --out_dir, --max_steps, --lr_decay_steps, --init_from, --res,
+# --data_dir and --device are the pipeline's
+PRESETS = {
+    # the main job: CPU, R = 32, the scripts' tiny config; must finish within 30 minutes on 2 cores
+    "tiny": dict(
+        out_dir="out/pipeline",
+        res=32,
+        budgets=dict(judge=600, gen_only=800, pmtp=800, pmtp_idm=800, djo=200, cycle_rl=20),
+        eval=dict(sets="val,heldout,crowded,leakage", n=64, steps=25, cfg=3.0),
+        args=dict(
+            # the judge shares the generators' cache (R = 32, 20000 scenes, seed 0); evaluated once, at the end
+            judge=["--cache_scenes=20000", "--warmup_steps=100", "--eval_interval=0", "--ckpt_interval=200"],
+            # the scripts' own periodic figures are off: the pipeline evaluates every model once, on every set
+            pretrain=["--val_scenes=0", "--eval_interval=0", "--ckpt_interval=200", "--warmup_steps=50"],
+            djo=["--val_scenes=0", "--eval_interval=0", "--ckpt_interval=100", "--warmup_steps=20"],
+            cycle_rl=["--val_scenes=0", "--eval_interval=0", "--ckpt_interval=10"],
+        ),
+    ),
+    # seconds: the micro models of the tests, two steps a stage (tests/test_pipeline.py)
+    "micro": dict(
+        out_dir="out/pipeline_micro",
+        res=32,
+        budgets=dict(judge=2, gen_only=2, pmtp=2, pmtp_idm=2, djo=2, cycle_rl=1),
+        eval=dict(sets="val,heldout,crowded,leakage", n=3, steps=2, cfg=3.0),
+        args=dict(
+            judge=["--dim=32", "--depth=1", "--heads=2", "--text_depth=1", "--batch_size=4", "--cache_scenes=64",
+                   "--val_scenes=0", "--warmup_steps=1", "--eval_interval=0", "--ckpt_interval=0"],
+            pretrain=["--patch=8", "--dim=32", "--depth=2", "--heads=2", "--text_depth=1", "--batch_size=4",
+                      "--cache_scenes=64", "--val_scenes=0", "--warmup_steps=1", "--eval_interval=0",
+                      "--ckpt_interval=0"],
+            djo=["--batch_size=4", "--cache_scenes=64", "--val_scenes=0", "--warmup_steps=1", "--eval_interval=0",
+                 "--ckpt_interval=0"],
+            cycle_rl=["--val_scenes=0", "--layouts_per_update=2", "--group_size=2", "--sample_steps=2",
+                      "--reward_refresh=1", "--ckpt_interval=1", "--minibatches=1"],
+        ),
+    ),
+    # GPUs: R = 64, the DiT-S-sized model of config/gpu.py (bf16, torch.compile); --nproc=N for torchrun.
+    # Not yet run: the budgets are the scripts' GPU defaults, untimed.
+    "gpu": dict(
+        out_dir="out/pipeline_gpu",
+        res=64,
+        budgets=dict(judge=3000, gen_only=20000, pmtp=20000, pmtp_idm=20000, djo=2000, cycle_rl=200),
+        eval=dict(sets="val,heldout,crowded,leakage", n=256, steps=25, cfg=3.0),
+        args=dict(
+            judge=["--cache_scenes=50000", "--eval_interval=1000", "--ckpt_interval=1000", "--compile=True"],
+            pretrain=["config/gpu.py", "--val_scenes=256"],
+            djo=["--batch_size=64", "--cache_scenes=50000", "--val_scenes=256", "--eval_interval=500",
+                 "--ckpt_interval=500"],
+            cycle_rl=["--layouts_per_update=8", "--val_scenes=256", "--eval_interval=25", "--ckpt_interval=25"],
+        ),
+    ),
+}
+# -----------------------------------------------------------------------------
+
+# name -> (script, the preset's argument list it takes, its own arguments, the stage whose checkpoint it starts from)
+STAGES = {
+    "judge": (["detector.py", "train"], "judge", [], None),
+    "gen_only": (["train_pretrain.py"], "pretrain", ["--ground_every=0"], None),
+    "pmtp": (["train_pretrain.py"], "pretrain", [], None),
+    "pmtp_idm": (["train_pretrain.py"], "pretrain", ["--idm=True"], None),
+    "djo": (["train_joint.py"], "djo", [], "pmtp"),
+    "cycle_rl": (["train_cycle_rl.py"], "cycle_rl", ["--algo=grpo"], "djo"),
+}
+ROWS = {  # the rows of the results table, in its order
+    "gen_only": "generation only (baseline)",
+    "pmtp": "PMTP",
+    "pmtp_idm": "PMTP + IDM",
+    "djo": "PMTP + DJO",
+    "cycle_rl": "PMTP + DJO + Cycle RL (GRPO)",
+}
+TRUE_RENDERS = "true renders (the ceiling)"
+WRITTEN = [*STAGES, "eval", "table.md", "results.json", "timings.json"]  # what --fresh deletes in out_dir
+
+
+def checkpoint_step(stage_dir):
+    """The step of a stage's checkpoint, None when it has none yet."""
+    path = os.path.join(stage_dir, "ckpt", "config.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)["step"]
+
+
+def read_json(path):
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def stage_argv(name, preset, out_dir, data_dir, device):
+    """The stage's script and arguments, without the launcher and without --init_from=resume: what is
+    recorded in {stage}/pipeline.json and compared on the next run."""
+    script, key, own, parent = STAGES[name]
+    budget = preset["budgets"][name]
+    argv = [*script, *preset["args"][key], *own, f"--out_dir={os.path.join(out_dir, name)}",
+            f"--max_steps={budget}", f"--lr_decay_steps={budget}", f"--data_dir={data_dir}", f"--device={device}"]
+    if key in ("judge", "pretrain"):  # the others take the resolution from their init checkpoint
+        argv.append(f"--res={preset['res']}")
+    if parent:
+        argv.append(f"--init_from={os.path.join(out_dir, parent, 'ckpt')}")
+    return argv
+
+
+def launcher(nproc):
+    """One process, or torchrun (gloo on the CPU, NCCL on GPUs; each rank draws its own data)."""
+    if nproc == 1:
+        return [sys.executable]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+
+
+def train_stage(name, preset, args, retrained):
+    """Train one stage unless its checkpoint is finished with the same command. -> True when it trained."""
+    stage_dir = os.path.join(args.out_dir, name)
+    argv = stage_argv(name, preset, args.out_dir, args.data_dir, args.device)
+    parent = STAGES[name][3]
+    recorded = read_json(os.path.join(stage_dir, "pipeline.json"))
+    if os.path.isdir(stage_dir) and (parent in retrained or (recorded or {}).get("argv") != argv):
+        why = f"{parent} was trained again" if parent in retrained else "its command changed (or it has no record)"
+        print(f"{name}: starting over, {why}", flush=True)
+        shutil.rmtree(stage_dir)
+    step, budget = checkpoint_step(stage_dir), preset["budgets"][name]
+    if step is not None and step >= budget:
+        print(f"{name}: finished earlier (step {step} of {budget}), skipped", flush=True)
+        return False
+    if step is None:
+        shutil.rmtree(stage_dir, ignore_errors=True)  # a run cut before its first checkpoint: its log starts again
+    os.makedirs(stage_dir, exist_ok=True)
+    evaluation.write_text(os.path.join(stage_dir, "pipeline.json"), json.dumps({"argv": argv}, indent=1) + "\n")
+    # resuming replaces the parent checkpoint as init (the scripts read their reference from the saved config)
+    command = launcher(args.nproc) + [a for a in argv if not a.startswith("--init_from=")] + (
+        ["--init_from=resume"] if step is not None else [a for a in argv if a.startswith("--init_from=")])
+    print(f"{name}: {' '.join(command[1:] if args.nproc == 1 else command)}"
+          + (f" (resuming from step {step})" if step is not None else ""), flush=True)
+    result = subprocess.run(command, cwd=os.path.dirname(os.path.abspath(__file__)))
+    if result.returncode != 0:
+        runtime.fail(f"stage {name} failed (exit status {result.returncode}, its output is above); "
+                     f"run the pipeline again to resume it from its last checkpoint")
+    return True
+
+
+def eval_stage(name, preset, args, device, must):
+    """eval.evaluate_checkpoint of a stage's model into eval/{stage}/, unless results with the same
+    model and settings are there and must is False. -> the results dict."""
+    out = os.path.join(args.out_dir, "eval", name)
+    ckpt = os.path.join(args.out_dir, name, "ckpt")
+    judge = os.path.join(args.out_dir, "judge", "ckpt")
+    settings = preset["eval"]
+    previous = read_json(os.path.join(out, "results.json"))
+    same = (previous is not None and previous["step"] == checkpoint_step(os.path.join(args.out_dir, name))
+            and previous["judge"] == judge and list(previous["sets"]) == settings["sets"].split(",")
+            and all(previous[key] == settings[key] for key in ("n", "steps", "cfg")))
+    if same and not must:
+        print(f"eval {name}: done earlier, skipped", flush=True)
+        return previous
+    return evaluation.evaluate_checkpoint(ckpt, settings["sets"].split(","), settings["n"], settings["steps"],
+                                         settings["cfg"], 1.0, device, judge, out, label=name)
+
+
+def true_render_figures(preset, args, device):
+    """Every column on the world's own renders at the pipeline's R: the checker's and the judge's ceiling."""
+    judge = evaluation.load_judge(os.path.join(args.out_dir, "judge", "ckpt"), preset["res"], device)
+    settings = preset["eval"]
+    return {kind: evaluation.evaluate(None, data.make_scene_set(kind, settings["n"], seed=0), None, judge=judge,
+                                      generator=lambda scenes: data.scene_images(scenes, preset["res"]))
+            for kind in settings["sets"].split(",")}
+
+
+def minutes(seconds):
+    return f"{int(seconds // 60)} min {int(seconds % 60)} s"
+
+
+def results_table(name, preset, rows, timings, command):
+    """The combined markdown table: per scene set, a row per model."""
+    settings = preset["eval"]
+    lines = [f"# EchoGen, the main job: preset {name}\n",
+             f"`{command}`, R = {preset['res']}; each model's EMA weights, {settings['n']} scenes per set (seed 0), "
+             f"{settings['steps']} Euler steps, CFG {settings['cfg']}. Step budgets: "
+             + ", ".join(f"{stage} {budget}" for stage, budget in preset["budgets"].items())
+             + ". Wall time per stage (training + evaluation, as measured when it last ran): "
+             + ", ".join(f"{stage} {minutes(s)}" for stage, s in timings.items())
+             + f"; total {minutes(sum(timings.values()))}.\n",
+             "Columns: the rule-based checker on the generated images (ISR, mIoU, color and shape accuracy, image "
+             "success; color leak on the leakage probe: the share of boxes holding the other object's color); "
+             "the standalone judge's ISR and mIoU on the generated images; the model's own grounding head on the "
+             "true renders (Acc@0.5, mIoU, AP) and on its own images against the asked boxes (self-grounding, "
+             "the view of Cycle RL's reward).\n"]
+    for kind in settings["sets"].split(","):
+        lines.append(f"## {evaluation.SET_NAMES.get(kind, kind)} (`{kind}`)\n")
+        lines.append(evaluation.markdown_table([(label, sets[kind]) for label, sets in rows.items()], "model"))
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description="EchoGen's main job: the three stages, evaluated, one table.")
+    parser.add_argument("--preset", default="tiny", choices=list(PRESETS), help="tiny (CPU, the default), micro "
+                        "(seconds, for the tests) or gpu (R = 64, config/gpu.py)")
+    parser.add_argument("--nproc", type=int, default=1, help="processes per training stage; > 1 launches torchrun")
+    parser.add_argument("--out_dir", default="", help="default: the preset's (out/pipeline for tiny)")
+    parser.add_argument("--data_dir", default="data", help="where the scripts keep the pre-rendered caches")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--fresh", action="store_true", help="delete what an earlier run wrote and train everything")
+    args = parser.parse_args()
+    if args.nproc < 1:
+        runtime.fail(f"--nproc must be >= 1, got {args.nproc}")
+    preset = PRESETS[args.preset]
+    args.out_dir = args.out_dir or preset["out_dir"]
+    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else (
+        "cpu" if args.device == "auto" else args.device)
+    if args.fresh:
+        for entry in WRITTEN:
+            path = os.path.join(args.out_dir, entry)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            elif os.path.exists(path):
+                os.remove(path)
+    os.makedirs(args.out_dir, exist_ok=True)
+    timings_path = os.path.join(args.out_dir, "timings.json")
+    timings = read_json(timings_path) or {}
+    start, retrained = time.perf_counter(), []
+
+    for i, name in enumerate(STAGES):
+        print(f"[{i + 1}/{len(STAGES)}] {name}", flush=True)
+        tic = time.perf_counter()
+        if train_stage(name, preset, args, retrained):
+            retrained.append(name)
+        if name in ROWS:
+            eval_stage(name, preset, args, device, must=name in retrained or "judge" in retrained)
+        if name in retrained:
+            timings[name] = round(time.perf_counter() - tic, 1)
+            evaluation.write_text(timings_path, json.dumps(timings, indent=1) + "\n")
+
+    # one table: the true renders' row, then each model's results as eval wrote them
+    rows = {TRUE_RENDERS: true_render_figures(preset, args, device)}
+    for name, label in ROWS.items():
+        rows[label] = read_json(os.path.join(args.out_dir, "eval", name, "results.json"))["sets"]
+    command = "python pipeline.py" + (f" --preset={args.preset}" if args.preset != "tiny" else "") + (
+        f" --nproc={args.nproc}" if args.nproc > 1 else "")
+    table = results_table(args.preset, preset, rows, {k: timings[k] for k in STAGES if k in timings}, command)
+    results = {"preset": args.preset, "res": preset["res"], "budgets": preset["budgets"], "eval": preset["eval"],
+               "seconds": timings, "rows": rows}
+    evaluation.write_text(os.path.join(args.out_dir, "table.md"), table)
+    evaluation.write_text(os.path.join(args.out_dir, "results.json"), json.dumps(results, indent=1) + "\n")
+    print("\n" + table)
+    print(f"done in {minutes(time.perf_counter() - start)} (this run; trained: {', '.join(retrained) or 'nothing'})")
+    print(f"table: {os.path.join(args.out_dir, 'table.md')} (figures: {os.path.join(args.out_dir, 'results.json')})")
+    print(f"grids: {os.path.join(args.out_dir, 'eval', '{stage}', 'grids', '{set}.png')} "
+          f"(generated image with the asked boxes | true render | the model's own grounding of its image)")
+
+
+if __name__ == "__main__":
+    main()
