@@ -282,6 +282,9 @@ def main():
     saved = runtime.read_checkpoint_config(args.ckpt)
     dataset = args.dataset or saved.get("train", {}).get("dataset", "shapescenes")
     if dataset != "shapescenes":  # real data: its held-out images, at the model's resolution, with its tokenizer
+        if args.out:
+            runtime.fail(f"--out: the table, JSON and grids are written for ShapeScenes sets; on real data ({dataset}) "
+                         "eval.py prints one JSON line")
         model, tokenizer, saved = runtime.load_model(args.ckpt, "ema", device)
         judge = detector.load_grounder(args.judge, device) if args.judge else None
         try:

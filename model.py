@@ -134,16 +134,18 @@ class LayoutEmbedding(nn.Module):
     input in every query, it would receive grounding gradients ~100 x the flow's (measured at
     PMTP's start), which under Adam's per-weight normalization drown the generator's signal there."""
 
-    def __init__(self, dim, n_freqs):
+    def __init__(self, dim, n_freqs, queries=True):
         super().__init__()
         self.n_freqs = n_freqs
         self.box_proj = nn.Linear(8 * n_freqs, dim)
         self.phrase_proj = nn.Linear(dim, dim)
         self.out = nn.Sequential(nn.SiLU(), nn.Linear(dim, dim))
         self.null = nn.Parameter(torch.zeros(dim))
-        self.box_unknown = nn.Parameter(torch.zeros(dim))
         nn.init.normal_(self.null, std=0.02)
-        nn.init.normal_(self.box_unknown, std=0.5)  # the scale of a projected box (std ~0.6 at xavier init)
+        # only a model that grounds has queries (an unused parameter would also break DDP's reduction)
+        if queries:
+            self.box_unknown = nn.Parameter(torch.zeros(dim))
+            nn.init.normal_(self.box_unknown, std=0.5)  # the scale of a projected box (std ~0.6 at xavier init)
 
     def forward(self, phrase_pooled, boxes, instance_mask):
         """phrase_pooled (B, N, D), boxes (B, N, 4) xyxy in [0, 1] or None (unknown), instance_mask (B, N)."""
@@ -414,7 +416,7 @@ class EchoGen(nn.Module):
         self.grid = config.res // config.patch
         self.text = TextEncoder(config.vocab_size, max(config.max_caption_len, config.max_phrase_len),
                                 D, config.text_depth, config.heads)
-        self.layout = LayoutEmbedding(D, config.fourier_freqs)
+        self.layout = LayoutEmbedding(D, config.fourier_freqs, queries=config.grounding)
         self.patch_embed = nn.Conv2d(config.channels, D, config.patch, stride=config.patch)
         self.register_buffer("pos_embed", sincos_pos_embed_2d(self.grid, D)[None], persistent=False)
         self.t_embed = nn.Sequential(nn.Linear(256, D), nn.SiLU(), nn.Linear(D, D))
