@@ -160,7 +160,7 @@ def train_step(step):
         (loss / grad_accum).backward()
         total_loss += loss.item() / grad_accum
         for k, v in terms.items():
-            parts[k] = parts.get(k, 0.0) + float(v) / grad_accum
+            parts[k] = parts.get(k, 0.0) + (v.item() if torch.is_tensor(v) else v) / grad_accum
     if grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
