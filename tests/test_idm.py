@@ -20,6 +20,7 @@ import eval as evaluation
 import runtime
 from model import (EchoGen, IDM, ModelConfig, cas, disentangle_loss, djo_loss, joint_attention, patch_box_coverage,
                    pmtp_loss)
+from test_model import perturb_zero_inits
 from test_rl import MICRO_PRETRAIN, MICRO_RL, ROOT, run
 
 PLAIN = ModelConfig(res=16, patch=2, dim=32, depth=2, heads=2, text_depth=1, vocab_size=20,
@@ -43,16 +44,6 @@ def fixed_batch(B=2, config=PLAIN, seed=0):
     return dict(caption_ids=caption_ids, phrase_ids=phrase_ids, boxes=boxes, instance_mask=instance_mask)
 
 
-def perturbed(model, scale=0.05):
-    """Weight in the zero-initialized layers, as training would give them, so outputs depend on everything."""
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            if torch.all(p == 0):
-                p.copy_(torch.randn(p.shape, generator=g) * scale)
-    return model
-
-
 def plain_fingerprint(model_class, config):
     torch.manual_seed(0)
     model = model_class(config)
@@ -60,7 +51,7 @@ def plain_fingerprint(model_class, config):
     layout = ";".join(f"{k}:{tuple(v.shape)}" for k, v in state.items())
     figures = {"keys": len(state), "layout": hashlib.sha256(layout.encode()).hexdigest()[:16],
                "init_abs_sum": sum(v.double().abs().sum().item() for v in state.values())}
-    model = perturbed(model).eval()
+    model = perturb_zero_inits(model).eval()
     batch = fixed_batch()
     g = torch.Generator().manual_seed(5)
     x, t = torch.randn(2, 3, 16, 16, generator=g), torch.tensor([0.6, 0.1])
@@ -100,7 +91,7 @@ def test_a_fresh_idm_computes_what_the_plain_model_does():
     """alpha = 1/2 at init, and the forward pass adds (2 alpha - 1) E_n: a plain model's weights in an IDM
     model give the same outputs, so IDM can be switched on from a plain checkpoint's weights."""
     torch.manual_seed(0)
-    plain = perturbed(EchoGen(PLAIN)).eval()
+    plain = perturb_zero_inits(EchoGen(PLAIN)).eval()
     idm = EchoGen(WITH_IDM).eval()
     missing, unexpected = idm.load_state_dict(plain.state_dict(), strict=False)
     assert not unexpected and missing and all(".idm." in k for k in missing)
@@ -196,7 +187,7 @@ def test_the_factorized_idm_equals_its_definition():
 
 def test_l_dis_reaches_the_idm_parameters_and_the_attention():
     torch.manual_seed(0)
-    model = perturbed(EchoGen(WITH_IDM))
+    model = perturb_zero_inits(EchoGen(WITH_IDM))
     _, l_dis = model(torch.randn(2, 3, 16, 16), torch.tensor([0.6, 0.3]), **fixed_batch(), return_idm=True)
     idm_params = [(n, p) for n, p in model.named_parameters() if ".idm." in n]
     assert len(idm_params) == 4 * PLAIN.depth
@@ -213,7 +204,7 @@ def test_l_dis_reaches_the_idm_parameters_and_the_attention():
 
 def test_grounding_rows_and_empty_slots_are_outside_idm():
     torch.manual_seed(0)
-    model = perturbed(EchoGen(WITH_IDM)).eval()
+    model = perturb_zero_inits(EchoGen(WITH_IDM)).eval()
     batch, x, t = fixed_batch(), torch.randn(2, 3, 16, 16), torch.tensor([0.6, 0.1])
     task = torch.tensor([0, 1])
     with torch.no_grad():
@@ -239,7 +230,7 @@ def test_grounding_rows_and_empty_slots_are_outside_idm():
 
 def test_stage_losses_add_and_log_l_dis_only_with_a_weight():
     torch.manual_seed(0)
-    model = perturbed(EchoGen(WITH_IDM))
+    model = perturb_zero_inits(EchoGen(WITH_IDM))
     batch = dict(fixed_batch(B=4), images=torch.rand(4, 3, 16, 16) * 2 - 1)
     task, t = torch.tensor([0, 1, 0, 1]), torch.tensor([0.7, 0.0, 0.4, 0.2])
     noise, drop = torch.randn(4, 3, 16, 16), torch.zeros(4, dtype=torch.bool)
@@ -258,7 +249,7 @@ def test_stage_losses_add_and_log_l_dis_only_with_a_weight():
 
 def test_the_idm_switch_round_trips_through_a_checkpoint(tmp_path):
     torch.manual_seed(0)
-    model = perturbed(EchoGen(WITH_IDM))
+    model = perturb_zero_inits(EchoGen(WITH_IDM))
     optimizer = torch.optim.AdamW(model.parameters())
     runtime.save_checkpoint(str(tmp_path / "ckpt"), model, model, optimizer, data.build_tokenizer(), {}, 0)
     loaded, _, saved = runtime.load_model(str(tmp_path / "ckpt"), "model")

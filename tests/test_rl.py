@@ -16,22 +16,10 @@ from safetensors.numpy import load_file
 import rewards
 import sampler
 from model import EchoGen, ModelConfig
+from test_model import random_batch  # the same conditions; random_batch reads only fields this TINY shares
 
 TINY = ModelConfig(res=16, patch=4, dim=32, depth=2, heads=2, text_depth=1, vocab_size=20,
                    max_caption_len=10, max_phrase_len=4, max_instances=3, ground_depth=1)
-
-
-def random_batch(B=2, config=TINY, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    caption_ids = torch.randint(1, config.vocab_size, (B, config.max_caption_len), generator=g)
-    caption_ids[:, 6:] = 0
-    phrase_ids = torch.randint(1, config.vocab_size, (B, config.max_instances, config.max_phrase_len), generator=g)
-    phrase_ids[:, :, 2:] = 0
-    xy = torch.rand(B, config.max_instances, 2, generator=g) * 0.5
-    boxes = torch.cat([xy, xy + 0.3], dim=-1)
-    instance_mask = torch.tensor([[True, True, False]] * B)
-    phrase_ids[~instance_mask] = 0
-    return dict(caption_ids=caption_ids, phrase_ids=phrase_ids, boxes=boxes, instance_mask=instance_mask)
 
 
 def tiny_model(seed=0):
