@@ -662,7 +662,6 @@ def train(argv):
     progress.close()
     if dist_ctx.master:
         print(f"done: checkpoint {ckpt_path}, log {log.path}")
-    dist_ctx.barrier()  # no rank leaves the process group while rank 0 still writes the checkpoint
     dist_ctx.close()
 
 

@@ -113,7 +113,10 @@ class Dist:
             dist.barrier()
 
     def close(self):
+        """Leave the process group together: a rank that tears it down while rank 0 still writes the
+        final checkpoint can abort the run (gloo: "terminate called without an active exception")."""
         if self.ddp:
+            dist.barrier()
             dist.destroy_process_group()
 
 
