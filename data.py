@@ -475,6 +475,53 @@ def collate(scenes, images, tokenizer, max_instances):
     images = None if images is None else np.stack(images)
     return _to_tensors(_tokenize_scenes(scenes, tokenizer, max_instances), images)
 
+
+def add_hard_negatives(batch, tokenizer, per_scene, seeds, rows=None):
+    """Fill up to per_scene free slots of each scene of a collated ShapeScenes batch with hard
+    negative phrases: one of the scene's own phrases with its shape word (half the time its color
+    word) swapped, so that it names an object the image does not hold (GLIP's negative prompts).
+    A grounder that learns to give them a low confidence must look at shapes: without them the
+    color alone finds the box, and the confidence half of Cycle RL's reward cannot see a wrong shape.
+    Only training-split pairs are named (a held-out pair taught as "always absent" would bias the
+    held-out evaluation). seeds: one entropy per scene (an int or a list of ints, for
+    np.random.default_rng): built from the step and the scene's place in the global batch, any number
+    of ranks draws the same negatives. rows: (B,) bool, the scenes that get negatives (the grounding
+    rows of a PMTP batch; generation rows must keep their layouts), None for all. -> a new batch on the same
+    device, its phrase_ids and instance_mask extended, plus "negative" (B, N) bool; the boxes of
+    negative slots stay zeros (they carry no box loss)."""
+    color_ids = {tokenizer.token_to_id(c): c for c in COLORS}
+    shape_ids = {tokenizer.token_to_id(s): s for s in SHAPES}
+    color_of, shape_of = {c: i for i, c in color_ids.items()}, {s: i for i, s in shape_ids.items()}
+    device = batch["phrase_ids"].device
+    phrase_ids, mask = batch["phrase_ids"].cpu().clone(), batch["instance_mask"].cpu().clone()
+    negative = torch.zeros_like(mask)
+    ids = phrase_ids.numpy()  # a view: edits land in phrase_ids
+    for b in range(ids.shape[0]) if rows is None else np.flatnonzero(rows.cpu().numpy()):
+        rng = np.random.default_rng(seeds[b])
+        real = np.flatnonzero(mask[b].numpy())
+        pairs = []  # (color, shape, position of the color word, position of the shape word) per instance
+        for j in real:
+            cpos = [k for k, t in enumerate(ids[b, j]) if t in color_ids]
+            spos = [k for k, t in enumerate(ids[b, j]) if t in shape_ids]
+            if len(cpos) != 1 or len(spos) != 1:
+                raise ValueError(f"hard negatives need ShapeScenes phrases (one color, one shape word): scene {b}, slot {j}")
+            pairs.append((color_ids[ids[b, j, cpos[0]]], shape_ids[ids[b, j, spos[0]]], cpos[0], spos[0]))
+        present = {(c, s) for c, s, _, _ in pairs}
+        for slot in np.flatnonzero(~mask[b].numpy())[:per_scene]:
+            j = int(rng.integers(len(real)))
+            color, shape, cpos, spos = pairs[j]
+            shape_swaps = [(color, s) for s in SHAPES if (color, s) not in present and (color, s) not in HELD_OUT]
+            color_swaps = [(c, shape) for c in COLORS if (c, shape) not in present and (c, shape) not in HELD_OUT]
+            options = (shape_swaps if rng.random() < 0.5 else color_swaps) or shape_swaps or color_swaps
+            if not options:  # every other shape and color of this object is in the scene already
+                continue
+            c, s = options[int(rng.integers(len(options)))]
+            ids[b, slot] = ids[b, real[j]]
+            ids[b, slot, cpos], ids[b, slot, spos] = color_of[c], shape_of[s]
+            mask[b, slot] = negative[b, slot] = True
+    return {**batch, "phrase_ids": phrase_ids.to(device), "instance_mask": mask.to(device),
+            "negative": negative.to(device)}
+
 # -----------------------------------------------------------------------------
 # pre-rendered cache
 

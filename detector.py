@@ -509,6 +509,23 @@ def ground_scenes(ground, scenes, images, tokenizer, max_instances, device, batc
     return torch.cat(boxes), torch.cat(scores)
 
 
+def presence_confidence(ground, scenes, images, tokenizer, max_instances, device, per_scene=2, seed=0, batch_size=64):
+    """Does a grounder's confidence see what a phrase names, or only where its box is? Mean confidence on
+    the scenes' own phrases and on hard negatives in the free slots (data.add_hard_negatives: one of
+    the scene's objects with its shape or color swapped, seeded) -> {"conf_true", "conf_negative"}.
+    Close together: the confidence, half of Cycle RL's reward, cannot tell a wrong shape from a right one."""
+    true, negative = [], []
+    for start in range(0, len(scenes), batch_size):
+        part = slice(start, start + batch_size)
+        batch = data.add_hard_negatives(data.collate(scenes[part], images[part], tokenizer, max_instances),
+                                        tokenizer, per_scene, [[seed, i] for i in range(start, start + batch_size)])
+        _, scores = ground({k: v.to(device) for k, v in batch.items()})
+        scores, is_negative = scores.float().cpu(), batch["negative"]
+        true.append(scores[batch["instance_mask"] & ~is_negative])
+        negative.append(scores[is_negative])
+    return {"conf_true": round(torch.cat(true).mean().item(), 4), "conf_negative": round(torch.cat(negative).mean().item(), 4)}
+
+
 # -----------------------------------------------------------------------------
 # training the standalone detector on true renders: python detector.py train [config file] [--key=value ...]
 
@@ -535,6 +552,8 @@ TRAIN_CONFIG = dict(
     heads=4,
     text_depth=1,
     max_instances=8,
+    negatives=0,  # hard negative phrases per training scene (data.add_hard_negatives; ShapeScenes only): a
+    #               confidence that sees shapes and colors, not only boxes (the Cycle RL reward's judge); 0 = none
     # optimizer
     batch_size=64,  # per rank and micro-step; global batch = batch_size * grad_accum * world size
     grad_accum=1,
@@ -564,6 +583,9 @@ def train(argv):
     dev = dist_ctx.device
     if cfg.init_from not in ("scratch", "resume"):
         runtime.fail(f"init_from must be 'scratch' or 'resume', got {cfg.init_from!r}")
+    if cfg.negatives and cfg.dataset != "shapescenes":
+        runtime.fail(f"negatives: hard negative phrases swap ShapeScenes' shape and color words; "
+                     f"set negatives=0 for dataset {cfg.dataset!r}")
     global_batch = cfg.batch_size * cfg.grad_accum * dist_ctx.world
     ckpt_path = os.path.join(cfg.out_dir, "ckpt")
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
@@ -606,13 +628,18 @@ def train(argv):
         indices = indices[runtime.rank_slice(global_batch, dist_ctx)]
         total = {}
         for micro in range(cfg.grad_accum):
-            batch = {k: v.to(dev, non_blocking=True)
-                     for k, v in cache.batch(indices[micro * cfg.batch_size:(micro + 1) * cfg.batch_size]).items()}
+            batch = cache.batch(indices[micro * cfg.batch_size:(micro + 1) * cfg.batch_size])
+            if cfg.negatives:  # seeded by the step and each scene's place in the global batch (resume, DDP)
+                first = runtime.rank_slice(global_batch, dist_ctx).start + micro * cfg.batch_size
+                seeds = [[cfg.seed, step, first + j] for j in range(cfg.batch_size)]
+                batch = data.add_hard_negatives(batch, tokenizer, cfg.negatives, seeds)
+            batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
             if dist_ctx.ddp:  # gradients are all-reduced only on the last micro-step (nanoGPT)
                 train_model.require_backward_grad_sync = micro == cfg.grad_accum - 1
             with runtime.autocast(dev):
                 outputs = train_model(batch["images"], batch["phrase_ids"], batch["instance_mask"])
-            losses = criterion(outputs, batch["boxes"], batch["phrase_ids"], batch["instance_mask"])
+            losses = criterion(outputs, batch["boxes"], batch["phrase_ids"], batch["instance_mask"],
+                               batch.get("negative"))
             (losses["loss"] / cfg.grad_accum).backward()
             for name in ("loss", "l1", "giou", "conf"):
                 total[name] = total.get(name, 0.0) + losses[name].item() / cfg.grad_accum
@@ -624,15 +651,17 @@ def train(argv):
 
     def evaluate(step):
         ema.eval()
+        ground = lambda batch: decode_predictions(ema(batch["images"], batch["phrase_ids"], batch["instance_mask"]))
         with runtime.autocast(dev):
-            boxes, scores = ground_scenes(lambda batch: decode_predictions(
-                ema(batch["images"], batch["phrase_ids"], batch["instance_mask"])),
-                val_set, val_images, tokenizer, cfg.max_instances, dev)
+            boxes, scores = ground_scenes(ground, val_set, val_images, tokenizer, cfg.max_instances, dev)
+            presence = (presence_confidence(ground, val_set, val_images, tokenizer, cfg.max_instances, dev)
+                        if cfg.dataset == "shapescenes" else {})
         model.train()
-        metrics = {k: round(v, 4) for k, v in grounding_metrics(boxes, scores, val_set).items()}
+        metrics = {k: round(v, 4) for k, v in grounding_metrics(boxes, scores, val_set).items()} | presence
         log.write({"step": step, "eval": metrics})
+        line = " ".join(f"{k} {metrics[k]:.3f}" for k in ("conf_true", "conf_negative") if k in metrics)
         tqdm.write(f"step {step}: val Acc@0.5 {metrics['acc50']:.3f} mIoU {metrics['miou']:.3f} "
-                   f"AP {metrics['ap']:.3f} AP50 {metrics['ap50']:.3f}")
+                   f"AP {metrics['ap']:.3f} AP50 {metrics['ap50']:.3f} {line}")
 
     model.train()
     progress = tqdm(total=cfg.max_steps, initial=step, disable=not dist_ctx.master, desc="detector")

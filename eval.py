@@ -13,7 +13,9 @@ prints one JSON line per set, then a markdown table (a row per set). The sets: "
 ISR and color accuracy (its own color found in each box) it reports color_leak, the share of boxes
 holding the other object's color. Per set, at the checkpoint's resolution:
   - the rule-based checker on the generated images: ISR, mIoU, color and shape accuracy, image success;
-  - "grounding": the model's own head on the world's true renders (Acc@0.5, mIoU, AP);
+  - "grounding": the model's own head on the world's true renders (Acc@0.5, mIoU, AP), and its mean
+    confidence on the true phrases and on hard negatives (conf_true, conf_negative: the same objects
+    with the shape or color swapped; close together, the confidence cannot see a wrong shape);
   - "self_grounding": the same head on the model's own images against the asked boxes (Acc@0.5, mIoU),
     the view Cycle RL's reward takes: rising beside a flat checker, it shows reward hacking;
   - with --judge (a StandaloneDetector of the same resolution, detector.py train --res=R): "judge", its
@@ -146,7 +148,11 @@ def evaluate(model, scenes, tokenizer, steps=25, cfg=3.0, shift=1.0, grid_path=N
     grounder, own_boxes = own_grounder(model, tokenizer), None
     if grounder is not None:
         metrics["grounding"] = ground(grounder, scenes, truths)[1]
-        if not real:  # the view of Cycle RL's reward: the head's boxes in the model's own images
+        if not real:
+            # does its confidence see shapes and colors, or only boxes? (the confidence half of the reward)
+            metrics["grounding"].update(detector.presence_confidence(grounder, scenes, truths, tokenizer,
+                                                                     grounder.max_instances, grounder.device))
+            # the view of Cycle RL's reward: the head's boxes in the model's own images
             own_boxes, found = ground(grounder, scenes, images)
             metrics["self_grounding"] = {"acc50": found["acc50"], "miou": found["miou"]}
     if grid_path:
@@ -180,7 +186,8 @@ COLUMNS = [  # (header, where the figure lives in a set's metrics)
     ("image success", ("image_success",)), ("color leak", ("color_leak",)),
     ("judge ISR", ("judge", "isr")), ("judge mIoU", ("judge", "miou")),
     ("grounding Acc@0.5", ("grounding", "acc50")), ("grounding mIoU", ("grounding", "miou")),
-    ("grounding AP", ("grounding", "ap")), ("self-grounding Acc@0.5", ("self_grounding", "acc50")),
+    ("grounding AP", ("grounding", "ap")), ("conf true", ("grounding", "conf_true")),
+    ("conf negative", ("grounding", "conf_negative")), ("self-grounding Acc@0.5", ("self_grounding", "acc50")),
 ]
 
 

@@ -629,9 +629,11 @@ def pmtp_inputs(batch, task, t, noise, drop):
 
 def pmtp_terms(criterion, v, grounding, batch, task, t, noise, instance_mask, ground_weight):
     """The stage-1 loss from the model's outputs, and its parts for the log. Clean grounding samples
-    (t = 0) carry no flow loss."""
+    (t = 0) carry no flow loss; hard negative slots (batch["negative"], data.add_hard_negatives, on
+    grounding rows only) train the confidence towards 0."""
     generation = flow_loss(v, batch["images"], noise, row_weight=((task == 0) | (t > 0)).float())
-    ground = criterion(grounding, batch["boxes"], batch["phrase_ids"], instance_mask & (task == 1)[:, None])
+    ground = criterion(grounding, batch["boxes"], batch["phrase_ids"], instance_mask & (task == 1)[:, None],
+                       batch.get("negative"))
     parts = {"flow": generation.item(), "ground": ground["loss"].item(),
              **{f"ground_{k}": ground[k].item() for k in ("l1", "giou", "conf")}}
     return generation + ground_weight * ground["loss"], parts

@@ -68,6 +68,7 @@ log_interval = 1  # updates between JSONL log lines
 eval_interval = 25  # updates between checker figures and a sample grid (0 = only at the end)
 ckpt_interval = 25  # a multiple of reward_refresh (exact resume)
 val_scenes = 64  # the fixed validation set ("val", seed 0)
+eval_steps = 25  # Euler steps of the validation figures: eval.py's and the other scripts', so that they agree
 # layouts
 dataset = ""  # "" = the checkpoint's own; on real data (coco:...) the layouts are its training annotations (no images)
 data_dir = "data"  # where a real data set's cache lives
@@ -103,6 +104,7 @@ reward_refresh = 5  # updates between refreshes of the frozen own-head copy
 ground_generated = True
 ground_threshold = 1.5  # reward (IoU + confidence, in [0, 2]) from which an image trains the head
 ground_weight = 0.1
+ground_negatives = -1  # hard negative phrases per such image (data.add_hard_negatives); -1 = as the checkpoint's PMTP
 # the PPO critic
 critic_lr = 1e-3
 critic_hidden = 128
@@ -159,6 +161,8 @@ if saved["kind"] != "EchoGen" or not saved["model"].get("grounding"):
     runtime.fail(f"checkpoint '{source}': Cycle RL needs an EchoGen model with a grounding head (a PMTP checkpoint)")
 reference_path = saved["train"].get("rl_reference", source) if init_from == "resume" else source
 config["rl_reference"] = reference_path  # saved with every checkpoint, so a resume finds its reference
+if ground_negatives == -1:
+    config["ground_negatives"] = ground_negatives = saved["train"].get("ground_negatives", 0)
 model, tokenizer, _ = runtime.load_model(source, "model", dev)
 model_config = model.config
 res, max_instances = model_config.res, model_config.max_instances
@@ -194,6 +198,9 @@ else:
     reward_model = copy.deepcopy(model).eval().requires_grad_(False)
     grounder = detector.Grounder("EchoGen", reward_model, tokenizer, res, max_instances, dev)
 config["dataset"] = dataset = dataset or saved["train"].get("dataset", "shapescenes")
+if ground_generated and ground_negatives and dataset != "shapescenes":
+    runtime.fail(f"ground_negatives {ground_negatives}: hard negatives swap ShapeScenes' shape and color words; "
+                 f"set ground_negatives=0 for dataset {dataset!r}")
 if dataset == "shapescenes":
     layout_pool, val_set = None, data.make_scene_set("val", val_scenes, seed=0)
 else:  # the training scenes' layouts, their captions picked with the checkpoint's tokenizer; a bad spec stops here
@@ -325,17 +332,23 @@ def policy_update(trajectory, batch, advantages, weight, steps):
     return stats
 
 
-def ground_generated_images(images, batch, reward):
+def ground_generated_images(images, batch, reward, update):
     """Generated images whose reward reaches ground_threshold train the grounding head, their layouts
-    as targets (clean images, t = 0). Every rank runs it (DDP), a rank without such images with no
-    targets. -> (the loss, the number of images used)."""
+    as targets (clean images, t = 0), with ground_negatives hard negative phrases each, as in PMTP.
+    Every rank runs it (DDP), a rank without such images with no targets. -> (the loss, the number
+    of images used)."""
     use = reward >= ground_threshold
+    if ground_negatives:  # seeded by the update and each image's place in the global batch (resume, DDP)
+        first = dist_ctx.rank * samples_per_rank
+        batch = data.add_hard_negatives(batch, tokenizer, ground_negatives,
+                                        [[seed, update, first + j] for j in range(samples_per_rank)])
     B = images.shape[0]
     task = torch.ones(B, dtype=torch.long, device=dev)
     with runtime.autocast(dev):
         _, grounding = train_model(images.detach(), torch.zeros(B, device=dev), batch["caption_ids"],
                                    batch["phrase_ids"], batch["boxes"], batch["instance_mask"], task)
-    loss = criterion(grounding, batch["boxes"], batch["phrase_ids"], batch["instance_mask"] & use[:, None])["loss"]
+    loss = criterion(grounding, batch["boxes"], batch["phrase_ids"], batch["instance_mask"] & use[:, None],
+                     batch.get("negative"))["loss"]
     (ground_weight * loss).backward()
     if grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
@@ -379,7 +392,7 @@ def rl_update(update):
         weight = torch.ones_like(reward)
     record.update(policy_update(trajectory, batch, advantages, weight, steps))
     if ground_generated:
-        record["ground_loss"], n_used = ground_generated_images(trajectory["x0"], batch, reward)
+        record["ground_loss"], n_used = ground_generated_images(trajectory["x0"], batch, reward, update)
         record["ground_images"] = dist_ctx.all_reduce_mean(n_used) * dist_ctx.world
     all_rewards = gather(reward)
     record.update(reward=all_rewards.mean().item(),
@@ -398,7 +411,7 @@ def evaluate(update):
     grid = os.path.join(out_dir, "samples", f"update{update:06d}.png")
     os.makedirs(os.path.dirname(grid), exist_ok=True)
     ema.eval()
-    metrics = evaluation.evaluate(ema, val_set, tokenizer, sample_steps, cfg_scale, shift, grid_path=grid,
+    metrics = evaluation.evaluate(ema, val_set, tokenizer, eval_steps, cfg_scale, shift, grid_path=grid,
                                   judge=judge_grounder)
     log.write({"step": update, "eval": metrics})
     tqdm.write(f"update {update}: val {evaluation.summary(metrics)} -> {grid}")

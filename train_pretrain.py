@@ -88,6 +88,8 @@ ground_every = 4  # every 4th sample of the global batch is a grounding sample; 
 ground_weight = 0.1  # total loss = flow + ground_weight * grounding (the DETR terms sum to ~10x the flow MSE)
 ground_clean = 0.5  # share of grounding samples on the clean image, t = 0
 ground_t_max = 0.5  # the others at t ~ U[0, ground_t_max]
+ground_negatives = 0  # hard negative phrases per grounding sample (data.add_hard_negatives, ShapeScenes): a
+#                       confidence that sees shapes and colors, not only boxes (Cycle RL's reward); 0 = none
 ground_depth = 2  # decoder layers of the grounding head
 # IDM's disentangle constraint (only with idm = True)
 idm_weight = 0.1  # total loss += idm_weight * L_dis; L_dis = softplus(CAS(R+) - CAS(R-)) lies in [0.31, 1.31]
@@ -113,6 +115,9 @@ if init_from not in ("scratch", "resume") and not os.path.isdir(init_from):
 if ground_every and batch_size % ground_every:
     runtime.fail(f"batch_size {batch_size} must be a multiple of ground_every {ground_every}, "
                  "so that every micro-batch holds both tasks")
+if ground_negatives and (dataset != "shapescenes" or not ground_every):
+    runtime.fail(f"ground_negatives {ground_negatives}: hard negatives swap ShapeScenes' shape and color words "
+                 f"in grounding samples; they need dataset=shapescenes and ground_every > 0")
 global_batch = batch_size * grad_accum * dist_ctx.world
 ckpt_path = os.path.join(out_dir, "ckpt")
 torch.manual_seed(seed)  # same initial weights on every rank
@@ -183,7 +188,12 @@ def train_step(step):
     for micro in range(grad_accum):
         part = slice(micro * batch_size, (micro + 1) * batch_size)
         tic = time.perf_counter()
-        batch = {k: v.to(dev, non_blocking=True) for k, v in cache.batch(indices[part]).items()}
+        batch = cache.batch(indices[part])
+        if ground_negatives:  # grounding rows only; seeded by the step and each row's place in the global batch
+            first = mine.start + part.start
+            batch = data.add_hard_negatives(batch, tokenizer, ground_negatives,
+                                            [[seed, step, first + j] for j in range(batch_size)], rows=draws[0][part] == 1)
+        batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
         data_seconds += time.perf_counter() - tic
         # gradients are all-reduced only on the last micro-step (nanoGPT)
         if dist_ctx.ddp:

@@ -377,6 +377,35 @@ def test_collate_shapes_and_values(tokenizer):
     with pytest.raises(data.LayoutError, match="more than max_instances"):
         data.collate(scenes, None, tokenizer, max_instances=4)
 
+
+def test_hard_negatives_name_absent_training_pairs_in_free_slots(tokenizer):
+    scenes = data.make_scene_set("val", 200, seed=0) + data.make_scene_set("crowded", 50, seed=0)
+    batch = data.collate(scenes, None, tokenizer, max_instances=8)
+    before = {k: v.clone() for k, v in batch.items()}
+    seeds = [[0, i] for i in range(len(scenes))]
+    out = data.add_hard_negatives(batch, tokenizer, 2, seeds)
+    again = data.add_hard_negatives(batch, tokenizer, 2, seeds)
+    halves = [data.add_hard_negatives({k: v[part] for k, v in batch.items()}, tokenizer, 2, seeds[part])
+              for part in (slice(0, 100), slice(100, None))]
+    assert all(torch.equal(out[k], torch.cat([h[k] for h in halves])) for k in out)  # the same, batch split or not
+    assert all(torch.equal(before[k], batch[k]) for k in before)  # the input batch is left as it was
+    assert all(torch.equal(out[k], again[k]) for k in out)  # seeded
+    swaps = {"color": 0, "shape": 0}
+    for i, scene in enumerate(scenes):
+        n = len(scene["instances"])
+        assert torch.equal(out["phrase_ids"][i, :n], batch["phrase_ids"][i, :n])
+        assert out["negative"][i].tolist() == [False] * n + [True] * min(2, 8 - n) + [False] * (8 - n - min(2, 8 - n))
+        assert out["instance_mask"][i].tolist() == (out["negative"][i] | batch["instance_mask"][i]).tolist()
+        present = {(inst["color"], inst["shape"]) for inst in scene["instances"]}
+        for slot in range(n, min(n + 2, 8)):
+            color, shape = data.parse_phrase(tokenizer.decode(out["phrase_ids"][i, slot].tolist()))
+            assert (color, shape) not in present and (color, shape) not in data.HELD_OUT
+            # one word of one of the scene's objects changed
+            assert any((color == c) != (shape == s) for c, s in present)
+            swaps["color" if any(shape == s for _, s in present) and not any(color == c for c, _ in present)
+                  else "shape"] += 1
+    assert min(swaps.values()) > 100, swaps  # both kinds, about half each
+
 # -----------------------------------------------------------------------------
 # cache
 

@@ -17,8 +17,8 @@ import torchvision.ops as tv
 import data
 import runtime
 from detector import (DetectorConfig, GroundingCriterion, GroundingHead, HungarianMatcher, StandaloneDetector,
-                      box_area, box_cxcywh_to_xyxy, box_iou, box_xyxy_to_cxcywh, coco_precision,
-                      generalized_box_iou, grounding_metrics, load_grounder, phrase_groups)
+                      box_area, box_cxcywh_to_xyxy, box_iou, box_xyxy_to_cxcywh, coco_precision, decode_predictions,
+                      generalized_box_iou, grounding_metrics, load_grounder, phrase_groups, presence_confidence)
 from model import EchoGen, ModelConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -214,6 +214,36 @@ def test_standalone_detector_loss_falls_on_a_handful_of_scenes():
     assert np.mean(curve[-5:]) < 0.6 * curve[0], curve
 
 
+
+def test_hard_negatives_teach_the_confidence_what_a_phrase_names():
+    """Trained without negatives the confidence only rates a box; with them (data.add_hard_negatives)
+    it falls on phrases that name a shape or color the image does not hold (the Cycle RL judge)."""
+    tokenizer = data.build_tokenizer()
+    scenes = data.make_scene_set("train", 8, seed=0)
+    images = [data.render_scene(s, TINY.res) for s in scenes]
+    gaps = {}
+    for negatives in (0, 3):
+        torch.manual_seed(0)
+        model = StandaloneDetector(TINY, tokenizer.get_vocab_size())
+        optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
+        for step in range(80):
+            batch = data.collate(scenes, images, tokenizer, TINY.max_instances)
+            if negatives:
+                batch = data.add_hard_negatives(batch, tokenizer, negatives, [[step, i] for i in range(8)])
+            out = model(batch["images"], batch["phrase_ids"], batch["instance_mask"])
+            loss = GroundingCriterion()(out, batch["boxes"], batch["phrase_ids"], batch["instance_mask"],
+                                        batch.get("negative"))["loss"]
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        model.eval()
+        ground = lambda batch: decode_predictions(model(batch["images"], batch["phrase_ids"], batch["instance_mask"]))
+        with torch.no_grad():
+            conf = presence_confidence(ground, scenes, images, tokenizer, TINY.max_instances, "cpu", per_scene=3, seed=1)
+        gaps[negatives] = conf["conf_true"] - conf["conf_negative"]
+    assert gaps[3] > 0.2 and gaps[3] > gaps[0] + 0.2, gaps
+
+
 # -----------------------------------------------------------------------------
 # metrics
 
@@ -335,7 +365,7 @@ def test_training_writes_a_loadable_checkpoint_and_validation_figures(checkpoint
     assert saved["model"]["vocab_size"] == data.build_tokenizer().get_vocab_size()
     records = [json.loads(line) for line in (tmp / "run" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
-    assert set(records[-1]["eval"]) == {"acc50", "miou", "ap", "ap50"}
+    assert set(records[-1]["eval"]) == {"acc50", "miou", "ap", "ap50", "conf_true", "conf_negative"}
     grounder = load_grounder(str(ckpt), "cpu")
     assert grounder.kind == "StandaloneDetector" and grounder.res == 32 and grounder.max_instances == 4
     scenes = data.make_scene_set("val", 2, seed=0)

@@ -6,9 +6,11 @@ import math
 import pytest
 import torch
 
+import data
+import detector
 import sampler
 from model import (EchoGen, ModelConfig, box_attention_bias, flow_loss, fourier_box_embedding, interpolate,
-                   patch_box_coverage)
+                   patch_box_coverage, pmtp_loss)
 
 TINY = ModelConfig(res=16, patch=2, dim=32, depth=2, heads=2, text_depth=1, vocab_size=20,
                    max_caption_len=10, max_phrase_len=4, max_instances=3)
@@ -213,3 +215,25 @@ def test_box_prior_adds_to_covered_image_logits_only_and_keeps_hidden_keys_hidde
     # a dropped instance (CFG) or an empty slot gets no prior
     dropped = box_attention_bias(mask, coverage, torch.tensor([[True, False]]), Lc, strength=2.0)
     assert (dropped[0, 0, Lc + N:, Lc + 1] == 0).all() and torch.equal(dropped[0, 0, Lc + N:, Lc], expected[Lc + N:, Lc])
+
+
+def test_hard_negatives_on_grounding_rows_change_the_grounding_loss_only():
+    """PMTP's hard negatives (train_pretrain --ground_negatives) go to the grounding rows alone: the
+    flow loss of every row is unchanged (nothing reads the queries), the confidence term is not."""
+    tokenizer = data.build_tokenizer()
+    config = dataclasses.replace(TINY, vocab_size=tokenizer.get_vocab_size(), max_phrase_len=data.MAX_PHRASE_LEN,
+                                 max_caption_len=data.MAX_CAPTION_LEN, max_instances=4)
+    torch.manual_seed(0)
+    model = perturb_zero_inits(EchoGen(config))
+    scenes = data.make_scene_set("val", 4, seed=0)
+    batch = data.collate(scenes, [data.render_scene(s, 16) for s in scenes], tokenizer, 4)
+    task = torch.tensor([0, 1, 0, 1])
+    t, noise, drop = torch.tensor([0.7, 0.2, 0.4, 0.0]), torch.randn(4, 3, 16, 16), torch.zeros(4, dtype=torch.bool)
+    negatives = data.add_hard_negatives(batch, tokenizer, 2, [[0, i] for i in range(4)], rows=task == 1)
+    assert negatives["negative"][task == 1].any() and not negatives["negative"][task == 0].any()
+    assert torch.equal(negatives["instance_mask"][task == 0], batch["instance_mask"][task == 0])
+    criterion = detector.GroundingCriterion()
+    _, plain = pmtp_loss(model, criterion, batch, task, t, noise, drop, 0.1)
+    _, with_negatives = pmtp_loss(model, criterion, negatives, task, t, noise, drop, 0.1)
+    assert with_negatives["flow"] == pytest.approx(plain["flow"], abs=1e-6)
+    assert abs(with_negatives["ground_conf"] - plain["ground_conf"]) > 1e-3

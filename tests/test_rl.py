@@ -313,7 +313,7 @@ def test_grpo_updates_raise_an_analytic_reward(pmtp_ckpt, tmp_path):
 
 @pytest.mark.parametrize("algo", ["grpo", "ppo"])
 def test_resumed_run_equals_uninterrupted_run(pmtp_ckpt, tmp_path, algo):
-    extra = [f"--algo={algo}", "--ground_threshold=0.5", "--train_steps=random", "--same_noise=True"]
+    extra = [f"--algo={algo}", "--ground_threshold=0.5", "--train_steps=random", "--same_noise=True", "--ground_negatives=2"]
     whole = cycle_rl(pmtp_ckpt, tmp_path / "whole", *extra, "--max_steps=4")
     cycle_rl(pmtp_ckpt, tmp_path / "parts", *extra, "--max_steps=2")
     parts = cycle_rl(pmtp_ckpt, tmp_path / "parts", *extra, "--max_steps=4", "--init_from=resume")
