@@ -476,7 +476,7 @@ def collate(scenes, images, tokenizer, max_instances):
     return _to_tensors(_tokenize_scenes(scenes, tokenizer, max_instances), images)
 
 
-def add_hard_negatives(batch, tokenizer, per_scene, seeds, rows=None):
+def add_hard_negatives(batch, tokenizer, per_scene, seeds, rows=None, swap="either"):
     """Fill up to per_scene free slots of each scene of a collated ShapeScenes batch with hard
     negative phrases: one of the scene's own phrases with its shape word (half the time its color
     word) swapped, so that it names an object the image does not hold (GLIP's negative prompts).
@@ -486,7 +486,8 @@ def add_hard_negatives(batch, tokenizer, per_scene, seeds, rows=None):
     held-out evaluation). seeds: one entropy per scene (an int or a list of ints, for
     np.random.default_rng): built from the step and the scene's place in the global batch, any number
     of ranks draws the same negatives. rows: (B,) bool, the scenes that get negatives (the grounding
-    rows of a PMTP batch; generation rows must keep their layouts), None for all. -> a new batch on the same
+    rows of a PMTP batch; generation rows must keep their layouts), None for all. swap: "either" (the
+    shape or the color, half and half), "shape" or "color" only (to measure each). -> a new batch on the same
     device, its phrase_ids and instance_mask extended, plus "negative" (B, N) bool; the boxes of
     negative slots stay zeros (they carry no box loss)."""
     color_ids = {tokenizer.token_to_id(c): c for c in COLORS}
@@ -512,7 +513,10 @@ def add_hard_negatives(batch, tokenizer, per_scene, seeds, rows=None):
             color, shape, cpos, spos = pairs[j]
             shape_swaps = [(color, s) for s in SHAPES if (color, s) not in present and (color, s) not in HELD_OUT]
             color_swaps = [(c, shape) for c in COLORS if (c, shape) not in present and (c, shape) not in HELD_OUT]
-            options = (shape_swaps if rng.random() < 0.5 else color_swaps) or shape_swaps or color_swaps
+            if swap == "either":
+                options = (shape_swaps if rng.random() < 0.5 else color_swaps) or shape_swaps or color_swaps
+            else:
+                options = shape_swaps if swap == "shape" else color_swaps
             if not options:  # every other shape and color of this object is in the scene already
                 continue
             c, s = options[int(rng.integers(len(options)))]

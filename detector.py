@@ -510,20 +510,24 @@ def ground_scenes(ground, scenes, images, tokenizer, max_instances, device, batc
 
 
 def presence_confidence(ground, scenes, images, tokenizer, max_instances, device, per_scene=2, seed=0, batch_size=64):
-    """Does a grounder's confidence see what a phrase names, or only where its box is? Mean confidence on
-    the scenes' own phrases and on hard negatives in the free slots (data.add_hard_negatives: one of
-    the scene's objects with its shape or color swapped, seeded) -> {"conf_true", "conf_negative"}.
-    Close together: the confidence, half of Cycle RL's reward, cannot tell a wrong shape from a right one."""
-    true, negative = [], []
+    """Does a grounder's confidence see what a phrase names, or only where its box is? Its mean
+    confidence on the scenes' own phrases and on hard negatives in the free slots (data.add_hard_negatives:
+    one of the scene's objects with its shape swapped, or its color; seeded)
+    -> {"conf_true", "conf_wrong_shape", "conf_wrong_color"}. A wrong shape scored like the true
+    phrase: the confidence, half of Cycle RL's reward, cannot tell a wrong shape from a right one."""
+    found = {"conf_true": [], "conf_wrong_shape": [], "conf_wrong_color": []}
     for start in range(0, len(scenes), batch_size):
         part = slice(start, start + batch_size)
-        batch = data.add_hard_negatives(data.collate(scenes[part], images[part], tokenizer, max_instances),
-                                        tokenizer, per_scene, [[seed, i] for i in range(start, start + batch_size)])
-        _, scores = ground({k: v.to(device) for k, v in batch.items()})
-        scores, is_negative = scores.float().cpu(), batch["negative"]
-        true.append(scores[batch["instance_mask"] & ~is_negative])
-        negative.append(scores[is_negative])
-    return {"conf_true": round(torch.cat(true).mean().item(), 4), "conf_negative": round(torch.cat(negative).mean().item(), 4)}
+        plain = data.collate(scenes[part], images[part], tokenizer, max_instances)
+        seeds = [[seed, i] for i in range(start, start + batch_size)]
+        for swap in ("shape", "color"):
+            batch = data.add_hard_negatives(plain, tokenizer, per_scene, seeds, swap=swap)
+            _, scores = ground({k: v.to(device) for k, v in batch.items()})
+            scores, is_negative = scores.float().cpu(), batch["negative"]
+            found[f"conf_wrong_{swap}"].append(scores[is_negative])
+            if swap == "shape":
+                found["conf_true"].append(scores[batch["instance_mask"] & ~is_negative])
+    return {k: round(torch.cat(v).mean().item(), 4) for k, v in found.items()}
 
 
 # -----------------------------------------------------------------------------
@@ -659,7 +663,7 @@ def train(argv):
         model.train()
         metrics = {k: round(v, 4) for k, v in grounding_metrics(boxes, scores, val_set).items()} | presence
         log.write({"step": step, "eval": metrics})
-        line = " ".join(f"{k} {metrics[k]:.3f}" for k in ("conf_true", "conf_negative") if k in metrics)
+        line = " ".join(f"{k} {v:.3f}" for k, v in presence.items())
         tqdm.write(f"step {step}: val Acc@0.5 {metrics['acc50']:.3f} mIoU {metrics['miou']:.3f} "
                    f"AP {metrics['ap']:.3f} AP50 {metrics['ap50']:.3f} {line}")
 

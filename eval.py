@@ -14,8 +14,9 @@ ISR and color accuracy (its own color found in each box) it reports color_leak, 
 holding the other object's color. Per set, at the checkpoint's resolution:
   - the rule-based checker on the generated images: ISR, mIoU, color and shape accuracy, image success;
   - "grounding": the model's own head on the world's true renders (Acc@0.5, mIoU, AP), and its mean
-    confidence on the true phrases and on hard negatives (conf_true, conf_negative: the same objects
-    with the shape or color swapped; close together, the confidence cannot see a wrong shape);
+    confidence on the true phrases and on hard negatives, the same objects with the shape or the
+    color swapped (conf_true, conf_wrong_shape, conf_wrong_color: a wrong shape scored like the true
+    phrase means the confidence cannot see shapes);
   - "self_grounding": the same head on the model's own images against the asked boxes (Acc@0.5, mIoU),
     the view Cycle RL's reward takes: rising beside a flat checker, it shows reward hacking;
   - with --judge (a StandaloneDetector of the same resolution, detector.py train --res=R): "judge", its
@@ -187,7 +188,8 @@ COLUMNS = [  # (header, where the figure lives in a set's metrics)
     ("judge ISR", ("judge", "isr")), ("judge mIoU", ("judge", "miou")),
     ("grounding Acc@0.5", ("grounding", "acc50")), ("grounding mIoU", ("grounding", "miou")),
     ("grounding AP", ("grounding", "ap")), ("conf true", ("grounding", "conf_true")),
-    ("conf negative", ("grounding", "conf_negative")), ("self-grounding Acc@0.5", ("self_grounding", "acc50")),
+    ("conf wrong shape", ("grounding", "conf_wrong_shape")), ("conf wrong color", ("grounding", "conf_wrong_color")),
+    ("self-grounding Acc@0.5", ("self_grounding", "acc50")),
 ]
 
 

@@ -405,6 +405,13 @@ def test_hard_negatives_name_absent_training_pairs_in_free_slots(tokenizer):
             swaps["color" if any(shape == s for _, s in present) and not any(color == c for c, _ in present)
                   else "shape"] += 1
     assert min(swaps.values()) > 100, swaps  # both kinds, about half each
+    for swap, kept in (("shape", 0), ("color", 1)):  # one kind only: the other word is one of the scene's
+        out = data.add_hard_negatives(batch, tokenizer, 2, seeds, swap=swap)
+        for i, scene in enumerate(scenes):
+            present = {(inst["color"], inst["shape"]) for inst in scene["instances"]}
+            for slot in torch.nonzero(out["negative"][i]).flatten().tolist():
+                pair = data.parse_phrase(tokenizer.decode(out["phrase_ids"][i, slot].tolist()))
+                assert pair not in present and any(pair[kept] == p[kept] for p in present)
 
 # -----------------------------------------------------------------------------
 # cache

@@ -217,7 +217,7 @@ def test_standalone_detector_loss_falls_on_a_handful_of_scenes():
 
 def test_hard_negatives_teach_the_confidence_what_a_phrase_names():
     """Trained without negatives the confidence only rates a box; with them (data.add_hard_negatives)
-    it falls on phrases that name a shape or color the image does not hold (the Cycle RL judge)."""
+    it falls on phrases that name a shape the image does not hold (the Cycle RL judge)."""
     tokenizer = data.build_tokenizer()
     scenes = data.make_scene_set("train", 8, seed=0)
     images = [data.render_scene(s, TINY.res) for s in scenes]
@@ -240,7 +240,7 @@ def test_hard_negatives_teach_the_confidence_what_a_phrase_names():
         ground = lambda batch: decode_predictions(model(batch["images"], batch["phrase_ids"], batch["instance_mask"]))
         with torch.no_grad():
             conf = presence_confidence(ground, scenes, images, tokenizer, TINY.max_instances, "cpu", per_scene=3, seed=1)
-        gaps[negatives] = conf["conf_true"] - conf["conf_negative"]
+        gaps[negatives] = conf["conf_true"] - conf["conf_wrong_shape"]
     assert gaps[3] > 0.2 and gaps[3] > gaps[0] + 0.2, gaps
 
 
@@ -365,7 +365,8 @@ def test_training_writes_a_loadable_checkpoint_and_validation_figures(checkpoint
     assert saved["model"]["vocab_size"] == data.build_tokenizer().get_vocab_size()
     records = [json.loads(line) for line in (tmp / "run" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
-    assert set(records[-1]["eval"]) == {"acc50", "miou", "ap", "ap50", "conf_true", "conf_negative"}
+    assert set(records[-1]["eval"]) == {"acc50", "miou", "ap", "ap50", "conf_true", "conf_wrong_shape",
+                                         "conf_wrong_color"}
     grounder = load_grounder(str(ckpt), "cpu")
     assert grounder.kind == "StandaloneDetector" and grounder.res == 32 and grounder.max_instances == 4
     scenes = data.make_scene_set("val", 2, seed=0)
