@@ -102,7 +102,9 @@ def sde_step_with_logprob(v, x, t, t_next, a, prev_sample=None, generator=None):
         mean = x + [v + sigma_t^2 / (2t) (x + (1 - t) v)] dt,   std = sigma_t sqrt(|dt|),   dt = t_next - t
     x + (1 - t) v = E[eps | x_t] = -t * score, so the bracket is the reverse-time drift v - sigma^2/2 score.
     v, x: (B, ...); t, t_next: floats or (B,) tensors; a >= 0: the noise level (a = 0 is the Euler
-    step, exactly). prev_sample: a stored x_{t+dt} to score instead of drawing one.
+    step, exactly). prev_sample: a stored x_{t+dt} to score instead of drawing one. generator: one
+    torch.Generator, or a list of one per row (a row's noise then does not depend on the batch it is
+    in: N ranks draw what one rank draws).
     Log-probability: the MEAN over the non-batch dimensions of log N (Flow-GRPO's reduction): ratios
     and the KL (gaussian_step_kl, same reduction) then do not scale with the resolution, so the clip
     range and the KL weight carry over from R = 32 to R = 64."""
@@ -120,7 +122,11 @@ def sde_step_with_logprob(v, x, t, t_next, a, prev_sample=None, generator=None):
         mean = x + (v + sigma ** 2 / (2 * t) * (x + (1 - t) * v)) * dt
         std = sigma * torch.sqrt(-dt)
         if prev_sample is None:
-            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
+            if isinstance(generator, (list, tuple)):
+                noise = torch.stack([torch.randn(x.shape[1:], generator=g, device=x.device, dtype=torch.float32)
+                                     for g in generator])
+            else:
+                noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
             prev_sample = mean + std * noise
         prev_sample = prev_sample.float()
         log_prob = (-((prev_sample.detach() - mean) ** 2) / (2 * std ** 2) - torch.log(std)
@@ -186,7 +192,7 @@ def stochastic_steps(steps, sde_window):
 @torch.no_grad()
 def sample_sde(model, batch, noise, steps, cfg, shift, a, generator=None, sde_window=None):
     """Sample through the SDE, recording every stochastic step for RL. noise (B, C, R, R); generator
-    draws the steps' noise. Steps outside sde_window are Euler (ODE) steps. -> dict with
+    (one, or a list of one per row) draws the steps' noise. Steps outside sde_window are Euler (ODE) steps. -> dict with
     "x0" (B, C, R, R); per stochastic step s (S of them): "x_t", "x_next" (S, B, C, R, R),
     "log_prob" (S, B), "t", "t_next" (S,) float64, "step" (S,) indices into the schedule.
     The model is called through its forward (policy_step), so pass the module in the mode it will be

@@ -303,7 +303,9 @@ def policy_update(trajectory, batch, advantages, weight, steps):
         rows = slice(m * per_minibatch, (m + 1) * per_minibatch)
         sub = {k: v[rows] for k, v in batch.items()}
         w = weight[rows]
-        denominator = w.sum().clamp(min=1)
+        # the rows that train, counted over every rank's minibatch (DETR's num_boxes): DDP's average
+        # of the ranks' gradients is then the gradient of one rank holding them all
+        denominator = max(dist_ctx.all_reduce_mean(w.sum().item()), 1e-6)  # no row trains: 0 / 1e-6 = 0
         for i, s in enumerate(steps):
             t, t_next = float(trajectory["t"][s]), float(trajectory["t_next"][s])
             x_t, x_next = trajectory["x_t"][s][rows], trajectory["x_next"][s][rows]
@@ -321,8 +323,8 @@ def policy_update(trajectory, batch, advantages, weight, steps):
                 loss = loss + idm_term * out.idm_loss / len(steps)
                 stats["idm"] += out.idm_loss.item() / n_terms
             loss.backward()
-            stats["kl"] += (kl * w).sum().item() / denominator.item() / n_terms
-            stats["policy_loss"] += (policy_loss * w).sum().item() / denominator.item() / n_terms
+            stats["kl"] += (kl * w).sum().item() / denominator / n_terms
+            stats["policy_loss"] += (policy_loss * w).sum().item() / denominator / n_terms
             stats["clip_frac"] += step_stats["clip_frac"] / n_terms
             stats["approx_kl"] += step_stats["approx_kl"] / n_terms
         if grad_clip > 0:
@@ -360,13 +362,16 @@ def ground_generated_images(images, batch, reward, update):
 def rl_update(update):
     """Sample, reward, advantages, the policy steps (and the critic's, the head's) of one update."""
     scenes, batch = draw_layouts(update)
-    sde_generator = runtime.step_generator(seed + 7919 * (dist_ctx.rank + 1), update, dev)
+    # the SDE's noise: a generator per sample, seeded by the update and the sample's place in the
+    # global batch, so that N ranks draw what one rank draws
+    first = dist_ctx.rank * samples_per_rank
+    sde_generators = [runtime.step_generator(seed + 7919 * (first + j + 1), update, dev) for j in range(samples_per_rank)]
     # sampled in the minibatches that policy_update will score, so that the first one's ratio is
     # exactly 1 (a matmul over another batch size may round differently)
     noise, per_minibatch = draw_noise(update), samples_per_rank // minibatches
-    parts = [sampler.sample_sde(model, {k: v[m * per_minibatch:(m + 1) * per_minibatch] for k, v in batch.items()},
-                                noise[m * per_minibatch:(m + 1) * per_minibatch], sample_steps, cfg_scale, shift,
-                                sde_a, sde_generator, sde_window) for m in range(minibatches)]
+    rows = [slice(m * per_minibatch, (m + 1) * per_minibatch) for m in range(minibatches)]
+    parts = [sampler.sample_sde(model, {k: v[r] for k, v in batch.items()}, noise[r], sample_steps, cfg_scale, shift,
+                                sde_a, sde_generators[r], sde_window) for r in rows]
     trajectory = {"x0": torch.cat([p["x0"] for p in parts]),  # (B, C, R, R); the steps' records are (S, B, ...)
                   **{k: torch.cat([p[k] for p in parts], dim=1) for k in ("x_t", "x_next", "log_prob")},
                   **{k: parts[0][k] for k in ("t", "t_next", "step")}}

@@ -274,8 +274,10 @@ MICRO_RL = ["--val_scenes=0", "--layouts_per_update=2", "--group_size=4", "--sam
             "--ckpt_interval=2"]
 
 
-def run(args):
-    result = subprocess.run([sys.executable, *args], cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"),
+def run(args, nproc=1):
+    launcher = [sys.executable] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    result = subprocess.run([*launcher, *args], cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"),
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
@@ -288,8 +290,8 @@ def pmtp_ckpt(tmp_path_factory):
     return tmp / "pmtp" / "ckpt"
 
 
-def cycle_rl(ckpt, out, *extra):
-    run(["train_cycle_rl.py", f"--init_from={ckpt}", f"--out_dir={out}", *MICRO_RL, *extra])
+def cycle_rl(ckpt, out, *extra, nproc=1):
+    run(["train_cycle_rl.py", f"--init_from={ckpt}", f"--out_dir={out}", *MICRO_RL, *extra], nproc)
     with open(out / "log.jsonl") as f:
         return [{k: v for k, v in r.items() if k != "seconds"} for r in map(json.loads, f)]
 
@@ -324,6 +326,24 @@ def test_resumed_run_equals_uninterrupted_run(pmtp_ckpt, tmp_path, algo):
         a, b = (load_file(str(tmp_path / run_ / "ckpt" / f"{which}.safetensors")) for run_ in ("whole", "parts"))
         for key, value in a.items():
             assert np.array_equal(value, b[key]), (which, key)
+
+
+@pytest.mark.parametrize("algo", ["grpo", "ppo"])
+def test_two_process_ddp_equals_one_process_with_the_same_layouts(pmtp_ckpt, tmp_path, algo):
+    """Each rank its own layouts: 2 ranks x 1 layout must make the update of 1 rank x 2 layouts
+    (the same layouts, initial and SDE noise per sample, rows counted over all ranks, the gift's
+    boxes too). One minibatch: with more, a rank's minibatch is not the single process's."""
+    extra = [f"--algo={algo}", "--minibatches=1", "--ground_threshold=0.5", "--max_steps=2", "--ckpt_interval=2"]
+    one = cycle_rl(pmtp_ckpt, tmp_path / "one", *extra, "--layouts_per_update=2")
+    two = cycle_rl(pmtp_ckpt, tmp_path / "two", *extra, "--layouts_per_update=1", nproc=2)
+    assert any(r["ground_images"] > 0 for r in one)  # the cycle's gift ran
+    # (not policy_loss: with one minibatch the ratio is 1 and it is -mean(advantage), 0 up to rounding)
+    for key in ("reward", "reward_std_in_group", "kl", "ground_loss", "ground_images"):
+        np.testing.assert_allclose([r[key] for r in two], [r[key] for r in one], rtol=1e-4, atol=1e-7, err_msg=key)
+    # Adam moves a weight by ~lr = 1e-4 a step; weights whose exact gradient is 0 move by normalized float noise
+    a, b = (load_file(str(tmp_path / run_ / "ckpt" / "model.safetensors")) for run_ in ("one", "two"))
+    for key, value in a.items():
+        np.testing.assert_allclose(b[key], value, atol=2e-5, err_msg=key)
 
 
 def test_normalized_critic_advantages_have_zero_mean_and_unit_std():
