@@ -490,6 +490,8 @@ def add_hard_negatives(batch, tokenizer, per_scene, seeds, rows=None, swap="eith
     shape or the color, half and half), "shape" or "color" only (to measure each). -> a new batch on the same
     device, its phrase_ids and instance_mask extended, plus "negative" (B, N) bool; the boxes of
     negative slots stay zeros (they carry no box loss)."""
+    if swap not in ("either", "shape", "color"):
+        raise ValueError(f"swap must be 'either', 'shape' or 'color', got {swap!r}")
     color_ids = {tokenizer.token_to_id(c): c for c in COLORS}
     shape_ids = {tokenizer.token_to_id(s): s for s in SHAPES}
     color_of, shape_of = {c: i for i, c in color_ids.items()}, {s: i for i, s in shape_ids.items()}

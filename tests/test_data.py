@@ -412,6 +412,8 @@ def test_hard_negatives_name_absent_training_pairs_in_free_slots(tokenizer):
             for slot in torch.nonzero(out["negative"][i]).flatten().tolist():
                 pair = data.parse_phrase(tokenizer.decode(out["phrase_ids"][i, slot].tolist()))
                 assert pair not in present and any(pair[kept] == p[kept] for p in present)
+    with pytest.raises(ValueError, match="swap must be"):
+        data.add_hard_negatives(batch, tokenizer, 2, seeds, swap="shapes")
 
 # -----------------------------------------------------------------------------
 # cache
