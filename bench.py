@@ -40,6 +40,9 @@ ground_every = 4  # PMTP as in train_pretrain.py; 0 = the generation-only step
 ground_depth = 2
 idm = False  # IDM in every block, L_dis in the loss (model.IDM)
 box_attn_bias = 2.0  # the spatial prior of layout conditioning (model.box_attention_bias)
+layout_map = 32  # channels of the per-pixel layout map (model.LayoutMap); 0 = none
+pixel_head = 32  # hidden channels of the output path at pixel resolution (model.PixelHead); 0 = linear unpatchify
+prediction = "x0"  # "x0" (JiT) or "v": what the network outputs; the loss is on v either way
 batch_size = 32
 lr = 1e-3
 device = "auto"
@@ -91,7 +94,8 @@ def main():
                          vocab_size=tokenizer.get_vocab_size(), max_instances=max_instances,
                          max_caption_len=data.MAX_CAPTION_LEN, max_phrase_len=data.MAX_PHRASE_LEN,
                          grounding=ground_every > 0, ground_depth=ground_depth, idm=idm,
-                         box_attn_bias=box_attn_bias)
+                         box_attn_bias=box_attn_bias, layout_map=layout_map,
+                         pixel_head=pixel_head, prediction=prediction)
     model = EchoGen(config).to(dev)
     criterion = detector.GroundingCriterion() if ground_every else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, fused=dev.type == "cuda")

@@ -5,7 +5,8 @@ rectified-flow velocity v = eps - x0 (DESIGN.md, "The model").
 
 Built bottom-up, one screen per class, as nanoGPT's model.py is:
   RMSNorm, modulate, sinusoidal/Fourier embeddings  ->  TextEncoder  ->  LayoutEmbedding
-  ->  IDM (CAS, L_dis)  ->  MMDiTBlock (two streams, one joint attention)  ->  FinalLayer  ->  ModelConfig, EchoGen.
+  ->  LayoutMap  ->  IDM (CAS, L_dis)  ->  MMDiTBlock (two streams, one joint attention)  ->  FinalLayer, PixelHead
+  ->  ModelConfig, EchoGen.
 
 Two streams, as in SD3: the image stream (patch tokens) and the condition stream (caption
 tokens followed by layout tokens). Each stream has its own weights; both meet in one
@@ -52,11 +53,12 @@ def timestep_embedding(t, dim, max_period=10000):
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
-def fourier_box_embedding(boxes, n_freqs):
-    """GLIGEN/CreatiLayout Fourier features of xyxy boxes: (B, N, 4) -> (B, N, 4 * 2 * n_freqs)."""
-    freqs = math.pi * 2.0 ** torch.arange(n_freqs, device=boxes.device, dtype=torch.float32)
-    args = boxes.float().unsqueeze(-1) * freqs  # (B, N, 4, F)
-    return torch.cat([args.sin(), args.cos()], dim=-1).flatten(2)  # (B, N, 4 * 2F)
+def fourier_box_embedding(values, n_freqs):
+    """GLIGEN/CreatiLayout Fourier features of the last axis: xyxy boxes (B, N, 4) -> (B, N, 4 * 2 * n_freqs),
+    or any (..., K) -> (..., K * 2 * n_freqs) (LayoutMap embeds positions inside boxes with it)."""
+    freqs = math.pi * 2.0 ** torch.arange(n_freqs, device=values.device, dtype=torch.float32)
+    args = values.float().unsqueeze(-1) * freqs  # (..., K, F)
+    return torch.cat([args.sin(), args.cos()], dim=-1).flatten(-2)  # (..., K * 2F)
 
 
 def sincos_pos_embed_2d(grid, dim):
@@ -155,6 +157,47 @@ class LayoutEmbedding(nn.Module):
             box_part = self.box_proj(fourier_box_embedding(boxes, self.n_freqs).to(phrase_pooled.dtype))
         tokens = self.out(box_part + self.phrase_proj(phrase_pooled))
         return torch.where(instance_mask.unsqueeze(-1), tokens, self.null.to(tokens.dtype))
+
+
+def position_in_boxes(boxes, res):
+    """Where each pixel centre sits inside each box, in the box's own coordinates: boxes (B, N, 4) xyxy
+    -> (B, N, res, res, 2) holding ((x - x0) / w, (y - y0) / h), in [0, 1] inside the box."""
+    centres = (torch.arange(res, device=boxes.device, dtype=torch.float32) + 0.5) / res
+    x0, y0, x1, y1 = boxes.float().unbind(-1)
+    u = (centres - x0[..., None]) / (x1 - x0).clamp(min=1e-3)[..., None]  # (B, N, res): along x
+    v = (centres - y0[..., None]) / (y1 - y0).clamp(min=1e-3)[..., None]  # (B, N, res): along y
+    return torch.stack(torch.broadcast_tensors(u[..., None, :], v[..., :, None]), dim=-1)  # rows are y
+
+
+class LayoutMap(nn.Module):
+    """The layout where the pixels are: a (B, C, R, R) map whose pixel p holds
+        sum_n coverage_n(p) * MLP(phrase_proj(phrase_n) + where_proj(Fourier(position of p inside box n))),
+    coverage_n(p) the share of pixel p inside box n (0 outside every box). Drawing a shape then is a
+    local function of the phrase and the position inside the box (is (u, v) inside a ring?), which a
+    pixel can compute, instead of something the tiny network must derive from absolute positions
+    and Fourier-embedded boxes (as spatial layout conditioning does with a rasterized layout). The
+    model patch-embeds the map beside the image and feeds it to the pixel head (ModelConfig.layout_map)."""
+
+    def __init__(self, dim, channels, n_freqs=4):
+        super().__init__()
+        self.n_freqs = n_freqs
+        self.phrase_proj = nn.Linear(dim, channels)
+        self.where_proj = nn.Linear(4 * n_freqs, channels)
+        self.out = nn.Sequential(nn.SiLU(), nn.Linear(channels, channels))
+
+    def forward(self, phrase_pooled, boxes, visible, res):
+        """phrase_pooled (B, N, D), boxes (B, N, 4) xyxy, visible (B, N) bool: the instances the image may
+        read (real, not dropped for CFG, not in a grounding row, whose boxes are the answer) -> (B, C, R, R).
+        Only the visible instances are computed (most of the N slots are empty), then summed per image."""
+        B, C = boxes.shape[0], self.phrase_proj.out_features
+        rows, _ = visible.nonzero(as_tuple=True)  # (M,): the image of each visible instance
+        boxes, phrase_pooled = boxes[visible], phrase_pooled[visible]  # (M, 4), (M, D)
+        coverage = patch_box_coverage(boxes[None], res)[0]  # (M, R*R)
+        where = self.where_proj(fourier_box_embedding(position_in_boxes(boxes[None], res)[0], self.n_freqs))  # (M, R, R, C)
+        features = self.out(where.to(phrase_pooled.dtype) + self.phrase_proj(phrase_pooled)[:, None, None])
+        features = features.flatten(1, 2) * coverage[..., None].to(features.dtype)  # (M, R*R, C)
+        summed = features.new_zeros(B, res * res, C).index_add_(0, rows, features)  # (B, R*R, C)
+        return summed.transpose(1, 2).reshape(B, C, res, res)
 
 
 # -----------------------------------------------------------------------------
@@ -329,7 +372,8 @@ class MMDiTBlock(nn.Module):
 
 
 class FinalLayer(nn.Module):
-    """adaLN + linear to patch pixels, zero-initialized so a fresh model predicts v = 0."""
+    """adaLN + linear to patch pixels (channels per pixel: the image's, or the pixel head's input),
+    zero-initialized without a pixel head (whose last conv is zero instead) so a fresh model predicts 0."""
 
     def __init__(self, dim, patch, channels):
         super().__init__()
@@ -340,6 +384,28 @@ class FinalLayer(nn.Module):
     def forward(self, x, c):
         shift, scale = self.adaLN(c).chunk(2, dim=-1)
         return self.linear(modulate(self.norm(x), shift, scale))
+
+
+class PixelHead(nn.Module):
+    """The output path at pixel resolution, after unpatchify (U-ViT puts a 3 x 3 convolution there):
+    [the transformer's per-pixel features | x_t | the layout map] -> 1x1 conv -> 3x3 conv -> 1x1 conv.
+    A linear unpatchify gives every pixel of a patch its own weights but no neighbour across the
+    patch border, so shapes come out as blocks with patch seams; here each pixel also sees its
+    neighbours, the noisy input it must denoise, and where it sits in the layout. The last conv is
+    zero-initialized, so a fresh model still predicts 0."""
+
+    def __init__(self, in_channels, hidden, channels):
+        super().__init__()
+        self.inp = nn.Conv2d(in_channels, hidden, 1)
+        self.conv = nn.Conv2d(hidden, hidden, 3, padding=1)
+        self.out = nn.Conv2d(hidden, channels, 1)
+
+    def forward(self, features, x_t, layout_map=None):
+        """features (B, Cf, R, R), x_t (B, C, R, R), layout_map (B, Cm, R, R) or None -> (B, C, R, R)"""
+        inputs = [features, x_t] + ([] if layout_map is None else [layout_map])
+        x = torch.cat([part.to(features.dtype) for part in inputs], dim=1)
+        x = F.gelu(self.inp(x), approximate="tanh")
+        return self.out(F.gelu(self.conv(x), approximate="tanh"))
 
 
 def task_attention_mask(caption_mask, instance_mask, task, n_queries, n_image):
@@ -385,6 +451,9 @@ def box_attention_bias(attn_mask, box_coverage, instance_mask, n_caption, streng
 # the model
 
 
+X0_T_MIN = 0.05  # the floor of t in v = (x_t - x0) / t under x0-prediction (JiT's t_eps)
+
+
 @dataclass
 class ModelConfig:
     res: int = 32  # image side in pixels (the model works in pixel space: no VAE at this scale)
@@ -404,6 +473,11 @@ class ModelConfig:
     ground_depth: int = 2  # decoder layers of the grounding head
     idm: bool = False  # I-DRUID's IDM in every block (and L_dis on request); False = the plain model
     box_attn_bias: float = 2.0  # logit bonus of an image patch for the layout tokens whose box covers it; 0 = none
+    # the levers of learning shapes fast (README, "What makes the generator learn shapes"); their
+    # defaults here are off, the model every checkpoint made before them holds; the scripts turn them on
+    layout_map: int = 0  # channels of the per-pixel layout map (LayoutMap), patch-embedded beside the image; 0 = none
+    pixel_head: int = 0  # hidden channels of the output path at pixel resolution (PixelHead); 0 = linear unpatchify
+    prediction: str = "v"  # what the network outputs: "v", or "x0" (JiT), turned into v = (x_t - x0) / t; the loss stays on v
 
 
 class EchoGen(nn.Module):
@@ -411,6 +485,7 @@ class EchoGen(nn.Module):
         super().__init__()
         assert config.res % config.patch == 0, f"res {config.res} is not a multiple of patch {config.patch}"
         assert config.dim % config.heads == 0 and config.dim % 4 == 0, f"dim {config.dim} must divide by heads and by 4"
+        assert config.prediction in ("v", "x0"), f"prediction must be 'v' or 'x0', got {config.prediction!r}"
         self.config = config
         D = config.dim
         self.grid = config.res // config.patch
@@ -418,6 +493,10 @@ class EchoGen(nn.Module):
                                 D, config.text_depth, config.heads)
         self.layout = LayoutEmbedding(D, config.fourier_freqs, queries=config.grounding)
         self.patch_embed = nn.Conv2d(config.channels, D, config.patch, stride=config.patch)
+        if config.layout_map:
+            self.layout_map = LayoutMap(D, config.layout_map)
+            # no bias: an all-zero map (no boxes, a grounding row) adds nothing to the patch embedding
+            self.layout_map_embed = nn.Conv2d(config.layout_map, D, config.patch, stride=config.patch, bias=False)
         self.register_buffer("pos_embed", sincos_pos_embed_2d(self.grid, D)[None], persistent=False)
         self.t_embed = nn.Sequential(nn.Linear(256, D), nn.SiLU(), nn.Linear(D, D))
         self.caption_embed = nn.Sequential(nn.Linear(D, D), nn.SiLU(), nn.Linear(D, D))
@@ -426,7 +505,10 @@ class EchoGen(nn.Module):
             MMDiTBlock(D, config.heads, config.mlp_ratio, cond_pre_only=i == config.depth - 1 and not config.grounding,
                        idm=config.idm)
             for i in range(config.depth))
-        self.final = FinalLayer(D, config.patch, config.channels)
+        self.final = FinalLayer(D, config.patch, config.pixel_head or config.channels)
+        if config.pixel_head:
+            self.pixel_head = PixelHead(config.pixel_head + config.channels + config.layout_map, config.pixel_head,
+                                        config.channels)
         if config.grounding:
             self.task_embed = nn.Embedding(2, D)  # 0 = generation, 1 = grounding
             self.grounding_head = detector.GroundingHead(D, config.ground_depth, config.heads, config.max_instances)
@@ -448,7 +530,9 @@ class EchoGen(nn.Module):
             if block.idm is not None:  # alpha = 1/2: a fresh IDM block computes what the plain one does
                 nn.init.zeros_(block.idm.alpha.fc2.weight)
                 nn.init.zeros_(block.idm.alpha.fc2.bias)
-        for layer in (self.final.adaLN[-1], self.final.linear):
+        # the last layer that makes pixels starts at zero; with a pixel head that is its last conv, and the
+        # final linear keeps its init so that the head's features are not all zero at the start
+        for layer in (self.final.adaLN[-1], self.pixel_head.out if self.config.pixel_head else self.final.linear):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
         if self.config.grounding:
@@ -463,7 +547,7 @@ class EchoGen(nn.Module):
         """torch.compile the transformer blocks and the final layer in place: they hold nearly all the
         FLOPs, and compiling in place keeps state_dict keys free of `_orig_mod.` prefixes. The text
         encoder stays eager, since its sequence lengths change from batch to batch."""
-        for module in [*self.blocks, self.final]:
+        for module in [*self.blocks, self.final] + ([self.pixel_head] if self.config.pixel_head else []):
             module.compile()
 
     # --- conditions: computed once per sample, reused at every sampling step
@@ -483,7 +567,20 @@ class EchoGen(nn.Module):
         if task is not None:
             tokens.append(self.layout(phrase_pooled, None, instance_mask))  # the grounding queries
         return {"tokens": torch.cat(tokens, dim=1), "pooled": caption_pooled, "caption_mask": caption_mask,
-                "instance_mask": instance_mask, "task": task, "boxes": boxes}
+                "instance_mask": instance_mask, "task": task, "boxes": boxes,
+                "layout_map": self.encode_layout_map(phrase_pooled, boxes, instance_mask, task)}
+
+    def encode_layout_map(self, phrase_pooled, boxes, instance_mask, task):
+        """The per-pixel layout map (LayoutMap) of the instances the image may read, or None without
+        one. A grounding row's map is all zero (its boxes are the answer), and so is every map when
+        the boxes are unknown (ground())."""
+        if not self.config.layout_map:
+            return None
+        B, R = instance_mask.shape[0], self.config.res
+        if boxes is None:
+            return phrase_pooled.new_zeros(B, self.config.layout_map, R, R)
+        visible = instance_mask if task is None else instance_mask & (task != 1)[:, None]
+        return self.layout_map(phrase_pooled, boxes, visible, R)
 
     @staticmethod
     def drop_conditions(caption_ids, instance_mask, drop):
@@ -517,6 +614,8 @@ class EchoGen(nn.Module):
         and L_dis averaged over the blocks (a scalar) or None without IDM."""
         B, P = x_t.shape[0], self.grid ** 2
         image_tokens = self.patch_embed(x_t).flatten(2).transpose(1, 2) + self.pos_embed  # (B, P, D)
+        if cond["layout_map"] is not None:
+            image_tokens = image_tokens + self.layout_map_embed(cond["layout_map"]).flatten(2).transpose(1, 2)
         c = self.t_embed(timestep_embedding(t, 256).to(x_t.dtype)) + self.caption_embed(cond["pooled"])
         task = cond["task"]
         if self.config.grounding:
@@ -543,15 +642,28 @@ class EchoGen(nn.Module):
         return image_tokens, queries, c, torch.stack(idm_losses).mean() if idm_losses else None
 
     def unpatchify(self, patches):
-        """(B, g*g, p*p*C) -> (B, C, R, R)"""
-        B, (g, p, C) = patches.shape[0], (self.grid, self.config.patch, self.config.channels)
+        """(B, g*g, p*p*C) -> (B, C, R, R), C the channels per pixel of the patches"""
+        B, g, p = patches.shape[0], self.grid, self.config.patch
+        C = patches.shape[-1] // (p * p)
         patches = patches.view(B, g, g, p, p, C).permute(0, 5, 1, 3, 2, 4)  # (B, C, g, p, g, p)
         return patches.reshape(B, C, g * p, g * p)
+
+    def output_velocity(self, image_tokens, c, x_t, t, cond):
+        """The image tokens after the blocks -> v (B, C, R, R): the final layer, unpatchify, the pixel
+        head if there is one, and with x0-prediction the velocity of that x0 on the straight path,
+        v = (x_t - x0) / t (x_t = (1 - t) x0 + t eps). t is floored at X0_T_MIN there, as JiT does,
+        so that a small t does not blow the network's error up."""
+        out = self.unpatchify(self.final(image_tokens, c))
+        if self.config.pixel_head:
+            out = self.pixel_head(out, x_t, cond["layout_map"])
+        if self.config.prediction == "x0":
+            out = (x_t - out) / t.clamp(min=X0_T_MIN).view(-1, 1, 1, 1).to(out.dtype)
+        return out
 
     def velocity(self, x_t, t, cond):
         """The generation path alone (the sampler's): v (B, C, R, R)."""
         image_tokens, _, c, _ = self.run_blocks(x_t, t, cond)
-        return self.unpatchify(self.final(image_tokens, c))
+        return self.output_velocity(image_tokens, c, x_t, t, cond)
 
     def forward(self, x_t, t, caption_ids, phrase_ids, boxes, instance_mask, task=None, return_idm=False):
         """Both tasks in one pass (PMTP). task None: -> v. task (B,) of 0 / 1: -> (v, grounding), where
@@ -562,7 +674,7 @@ class EchoGen(nn.Module):
         passes it and a later call (ground) cannot overwrite it."""
         cond = self.encode_conditions(caption_ids, phrase_ids, boxes, instance_mask, task)
         image_tokens, queries, c, idm_loss = self.run_blocks(x_t, t, cond)
-        v = self.unpatchify(self.final(image_tokens, c))
+        v = self.output_velocity(image_tokens, c, x_t, t, cond)
         outputs = [v] if task is None else [v, self.grounding_head(image_tokens, queries, instance_mask)]
         if return_idm:
             outputs.append(idm_loss if idm_loss is not None else torch.zeros((), device=v.device))

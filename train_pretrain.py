@@ -67,6 +67,9 @@ text_depth = 2
 max_instances = 8
 idm = False  # IDM in every block (model.IDM, DESIGN.md "The model"); False = the plain model
 box_attn_bias = 2.0  # the spatial prior of layout conditioning (model.box_attention_bias); 0 = none
+layout_map = 32  # channels of the per-pixel layout map (model.LayoutMap); 0 = none
+pixel_head = 32  # hidden channels of the output path at pixel resolution (model.PixelHead); 0 = linear unpatchify
+prediction = "x0"  # "x0" (JiT) or "v": what the network outputs; the loss is on v either way
 # optimizer
 batch_size = 32  # per rank and micro-step; global batch = batch_size * grad_accum * world size
 grad_accum = 1
@@ -112,6 +115,9 @@ dist_ctx = runtime.Dist(device)
 dev = dist_ctx.device
 if init_from not in ("scratch", "resume") and not os.path.isdir(init_from):
     runtime.fail(f"init_from must be 'scratch', 'resume' or a checkpoint folder, got {init_from!r}")
+if prediction not in ("v", "x0") or layout_map < 0 or pixel_head < 0:
+    runtime.fail(f"prediction must be 'v' or 'x0' (got {prediction!r}), layout_map and pixel_head >= 0 "
+                 f"(got {layout_map} and {pixel_head})")
 if ground_every and batch_size % ground_every:
     runtime.fail(f"batch_size {batch_size} must be a multiple of ground_every {ground_every}, "
                  "so that every micro-batch holds both tasks")
@@ -132,7 +138,8 @@ model_config = ModelConfig(res=res, patch=patch, dim=dim, depth=depth, heads=hea
                            vocab_size=tokenizer.get_vocab_size(), max_instances=max_instances,
                            max_caption_len=data.MAX_CAPTION_LEN, max_phrase_len=data.MAX_PHRASE_LEN,
                            grounding=ground_every > 0, ground_depth=ground_depth, idm=idm,
-                           box_attn_bias=box_attn_bias)
+                           box_attn_bias=box_attn_bias, layout_map=layout_map,
+                           pixel_head=pixel_head, prediction=prediction)
 model = EchoGen(model_config).to(dev)
 criterion = detector.GroundingCriterion() if ground_every else None
 ema = copy.deepcopy(model).eval().requires_grad_(False)
@@ -219,19 +226,22 @@ def evaluate(step):
     os.makedirs(os.path.dirname(grid), exist_ok=True)
     metrics = evaluation.evaluate(ema, val_set, tokenizer, sample_steps, cfg_scale, shift, grid_path=grid,
                                   judge=judge_grounder)
-    log.write({"step": step, "eval": metrics})
+    log.write({"step": step, "train_seconds": train_seconds, "eval": metrics})
     tqdm.write(f"step {step}: val {evaluation.summary(metrics)} -> {grid}")
 
 
 model.train()
 progress = tqdm(total=max_steps, initial=step, disable=not dist_ctx.master, desc="pretrain")
 window_start, window_data, window_steps = time.perf_counter(), 0.0, 0
+train_seconds = 0.0  # time in training steps of this process, evaluations and checkpoints excluded (bench.py curve)
 while step < max_steps:
+    step_start = time.perf_counter()
     step_lr = runtime.learning_rate(step, lr, min_lr, warmup_steps, lr_decay_steps, schedule)
     for group in optimizer.param_groups:
         group["lr"] = step_lr
     loss, parts, data_seconds = train_step(step)
     runtime.update_ema(ema, model, ema_decay, step)
+    train_seconds += time.perf_counter() - step_start
     step += 1
     loss = dist_ctx.all_reduce_mean(loss)
     parts = {k: dist_ctx.all_reduce_mean(v) for k, v in parts.items()}
@@ -241,7 +251,8 @@ while step < max_steps:
     if step % log_interval == 0 or step == max_steps:
         elapsed = time.perf_counter() - window_start
         log.write({"step": step, "loss": loss, **parts, "lr": step_lr, "steps_per_s": window_steps / elapsed,
-                   "images_per_s": window_steps * global_batch / elapsed, "data_wait": window_data / elapsed})
+                   "images_per_s": window_steps * global_batch / elapsed, "data_wait": window_data / elapsed,
+                   "train_seconds": train_seconds})
         window_start, window_data, window_steps = time.perf_counter(), 0.0, 0
     if dist_ctx.master and ((eval_interval and step % eval_interval == 0) or step == max_steps) and val_scenes:
         evaluate(step)

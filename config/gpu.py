@@ -17,3 +17,7 @@ lr_decay_steps = 20000
 eval_interval = 2000
 ckpt_interval = 2000
 compile = True
+# the levers of learning shapes fast (README, "What makes the generator learn shapes"), wider at R = 64
+layout_map = 64
+pixel_head = 64
+prediction = "x0"

@@ -9,11 +9,14 @@ import torch
 import data
 import detector
 import sampler
-from model import (EchoGen, ModelConfig, box_attention_bias, flow_loss, fourier_box_embedding, interpolate,
-                   patch_box_coverage, pmtp_loss)
+from model import (X0_T_MIN, EchoGen, LayoutMap, ModelConfig, box_attention_bias, flow_loss, fourier_box_embedding,
+                   interpolate, patch_box_coverage, pmtp_loss, position_in_boxes)
 
 TINY = ModelConfig(res=16, patch=2, dim=32, depth=2, heads=2, text_depth=1, vocab_size=20,
                    max_caption_len=10, max_phrase_len=4, max_instances=3)
+# the levers of learning shapes fast, all on: the per-pixel layout map, the pixel head, x0-prediction
+LEVERS = dataclasses.replace(TINY, layout_map=8, pixel_head=8, prediction="x0")
+both_models = pytest.mark.parametrize("config", [TINY, LEVERS], ids=["plain", "levers"])
 
 
 def random_batch(B=2, config=TINY, seed=0):
@@ -67,9 +70,10 @@ def test_blocks_start_as_identity_on_both_streams():
     assert not torch.allclose(image_out, image)
 
 
-def test_conditioning_changes_output_and_padding_does_not():
+@both_models
+def test_conditioning_changes_output_and_padding_does_not(config):
     torch.manual_seed(0)
-    model = perturb_zero_inits(EchoGen(TINY)).eval()
+    model = perturb_zero_inits(EchoGen(config)).eval()
     batch = random_batch()
     x, t = torch.randn(2, 3, 16, 16), torch.full((2,), 0.5)
     v = model(x, t, **batch)
@@ -82,9 +86,10 @@ def test_conditioning_changes_output_and_padding_does_not():
     assert torch.allclose(model(x, t, **junk), v, atol=1e-6)
 
 
-def test_dropped_condition_ignores_caption_and_layout():
+@both_models
+def test_dropped_condition_ignores_caption_and_layout(config):
     torch.manual_seed(0)
-    model = perturb_zero_inits(EchoGen(TINY)).eval()
+    model = perturb_zero_inits(EchoGen(config)).eval()
     a, b = random_batch(seed=0), random_batch(seed=1)
     drop = torch.ones(2, dtype=torch.bool)
     x, t = torch.randn(2, 3, 16, 16), torch.full((2,), 0.3)
@@ -94,6 +99,49 @@ def test_dropped_condition_ignores_caption_and_layout():
         outs.append(model(x, t, caption_ids, batch["phrase_ids"], batch["boxes"], instance_mask))
     assert torch.allclose(outs[0], outs[1], atol=1e-6)
     assert torch.isfinite(outs[0]).all()
+
+
+def test_layout_map_is_the_formula_inside_a_box_and_zero_outside():
+    torch.manual_seed(0)
+    layout_map = LayoutMap(dim=6, channels=5, n_freqs=2)
+    boxes = torch.tensor([[[0.125, 0.0, 0.75, 0.5], [0.8, 0.8, 1.0, 1.0]]])  # (1, 2, 4); slot 1 is not visible
+    phrase = torch.randn(1, 2, 6)
+    out = layout_map(phrase, boxes, torch.tensor([[True, False]]), res=4)  # (1, 5, 4, 4), pixels 0.25 wide
+
+    def formula(u, v):
+        where = layout_map.where_proj(fourier_box_embedding(torch.tensor([u, v]), 2))
+        return layout_map.out(where + layout_map.phrase_proj(phrase[0, 0]))
+
+    # pixel (row 1, col 2): centre (0.625, 0.375), inside box 0 at (u, v) = (0.5 / 0.625, 0.375 / 0.5)
+    assert torch.allclose(position_in_boxes(boxes, 4)[0, 0, 1, 2], torch.tensor([0.8, 0.75]))
+    assert torch.allclose(out[0, :, 1, 2], formula(0.8, 0.75), atol=1e-6)
+    # pixel (0, 0) is half inside (the box starts at x = 0.125) and carries half of the formula
+    assert torch.allclose(out[0, :, 0, 0], 0.5 * formula(0.0, 0.25), atol=1e-6)
+    # outside every visible box (the invisible slot 1 covers pixel (3, 3)) the map is zero
+    assert torch.all(out[0, :, 3] == 0) and torch.all(out[0, :, :, 3] == 0)
+
+
+def test_x0_prediction_gives_the_velocity_of_the_predicted_x0():
+    torch.manual_seed(0)
+    as_v = perturb_zero_inits(EchoGen(dataclasses.replace(LEVERS, prediction="v"))).eval()
+    as_x0 = EchoGen(LEVERS).eval()
+    as_x0.load_state_dict(as_v.state_dict())  # the same network; only the reading of its output differs
+    batch, x = random_batch(), torch.randn(2, 3, 16, 16)
+    t = torch.tensor([0.5, 0.01])  # the second below the floor X0_T_MIN
+    out = as_v(x, t, **batch)  # read as x0 by the other model
+    v = as_x0(x, t, **batch)
+    assert torch.allclose(v[0], (x[0] - out[0]) / 0.5, atol=1e-5)
+    assert torch.allclose(v[1], (x[1] - out[1]) / X0_T_MIN, atol=1e-4)
+    # so one Euler step to t = 0 from t >= X0_T_MIN lands on the predicted x0
+    assert torch.allclose(x[0] - 0.5 * v[0], out[0], atol=1e-5)
+
+
+def test_pixel_head_starts_at_zero_and_its_features_at_their_init():
+    torch.manual_seed(0)
+    model = EchoGen(dataclasses.replace(LEVERS, prediction="v"))
+    v = model(torch.randn(2, 3, 16, 16), torch.rand(2), **random_batch())
+    assert torch.all(v == 0), "the pixel head's zero-initialized last conv must predict v = 0"
+    assert model.final.linear.weight.abs().sum() > 0, "the features feeding the head must not start at zero"
 
 
 def test_fourier_box_embedding_layout():
@@ -153,9 +201,10 @@ def packed_outputs(model, batch, task, x, t):
     return v, grounding["boxes"], grounding["logits"]
 
 
-def test_grounding_rows_never_see_the_layout_boxes():
+@both_models
+def test_grounding_rows_never_see_the_layout_boxes(config):
     torch.manual_seed(0)
-    model = perturb_zero_inits(EchoGen(TINY)).eval()
+    model = perturb_zero_inits(EchoGen(config)).eval()
     batch = random_batch()
     task = torch.tensor([0, 1])  # row 0 generates, row 1 grounds
     x, t = torch.randn(2, 3, 16, 16), torch.tensor([0.6, 0.1])

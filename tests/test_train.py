@@ -110,6 +110,14 @@ def test_unknown_config_key_is_refused(tmp_path):
     assert not out.exists()
 
 
+def test_unknown_prediction_is_refused_in_one_line(tmp_path):
+    result, out = train(tmp_path, "bad", "--prediction=eps", check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: prediction must be 'v' or 'x0' (got 'eps'), layout_map and pixel_head >= 0 (got 32 and 32)"]
+    assert not out.exists()
+
+
 def test_resume_from_another_model_config_is_refused(trained, tmp_path):
     result, _ = train(trained[0], "run", "--dim=64", "--init_from=resume", "--max_steps=151", check=False)
     assert result.returncode == 2

@@ -1,0 +1,98 @@
+"""
+The learning curve of a training config against minutes of training on this machine: the checker's
+ISR, mIoU and shape accuracy of the EMA model on the fixed validation set, at training minutes (the
+time spent in training steps; evaluations and checkpoints excluded), then the final model on the
+fixed val, heldout and crowded sets.
+
+    python curve.py --minutes=15 --out_dir=out/curve_gen --ground_every=0       # generation only
+    python curve.py --minutes=15 --out_dir=out/curve_pmtp                       # PMTP, the tiny config
+    python curve.py --minutes=15 --out_dir=out/curve_old --ground_every=0 --layout_map=0 --pixel_head=0 --prediction=v
+    python curve.py --log=out/curve_gen/log.jsonl                               # print the curve of a finished run
+
+Every other --key=value (or config file) goes to train_pretrain.py unchanged. The step budget comes
+from the config's measured speed: a 40-step calibration run first, then max_steps = lr_decay_steps =
+minutes x 60 x steps/s, with `points` evaluations along the way. Run it alone on the machine: the
+minutes are wall-clock minutes of this CPU (or GPU), and another process on the same cores slows it.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import eval as evaluation  # eval.py
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def train(args, out_dir):
+    """train_pretrain.py with the given arguments; stops this script if it fails."""
+    command = [sys.executable, os.path.join(HERE, "train_pretrain.py"), *args, f"--out_dir={out_dir}"]
+    if subprocess.run(command).returncode != 0:
+        sys.exit(f"error: {' '.join(command)} failed")
+
+
+def read_log(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def measured_steps_per_s(train_args, out_dir, steps=40):
+    """Training steps per second of the config, from a short run's last log window (its first ten
+    steps hold the warmup of the allocator and are left out by the log interval)."""
+    train([*train_args, f"--max_steps={steps}", f"--lr_decay_steps={steps}", "--eval_interval=0", "--val_scenes=0",
+           "--ckpt_interval=0", "--log_interval=10"], out_dir)
+    return read_log(os.path.join(out_dir, "log.jsonl"))[-1]["steps_per_s"]
+
+
+def curve_table(records):
+    """The eval records of a train_pretrain.py log -> a markdown table against training minutes."""
+    lines = ["| step | training minutes | val ISR | val mIoU | val shape acc | val color acc |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for record in records:
+        if "eval" in record:
+            m = record["eval"]
+            lines.append(f"| {record['step']} | {record.get('train_seconds', float('nan')) / 60:.1f} | {m['isr']:.3f} | "
+                         f"{m['miou']:.3f} | {m['shape_acc']:.3f} | {m['color_acc']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    parser.add_argument("--minutes", type=float, default=15.0, help="training minutes (wall clock, this machine)")
+    parser.add_argument("--points", type=int, default=6, help="validation evaluations along the run")
+    parser.add_argument("--out_dir", default="out/curve")
+    parser.add_argument("--log", default="", help="only print the curve of this train_pretrain.py log.jsonl")
+    parser.add_argument("--sets", default="val,heldout,crowded", help="the final model's sets (eval.py --sets)")
+    parser.add_argument("--n", type=int, default=100, help="scenes per set of the final model (seed 0)")
+    parser.add_argument("--steps", type=int, default=25, help="Euler steps of the final evaluation")
+    parser.add_argument("--cfg", type=float, default=3.0, help="guidance scale of the final evaluation")
+    args, train_args = parser.parse_known_args()
+    if args.log:
+        print(curve_table(read_log(args.log)), end="")
+        return
+    if args.minutes <= 0 or args.points < 1:
+        sys.exit(f"error: --minutes must be > 0 and --points >= 1, got {args.minutes} and {args.points}")
+    speed = measured_steps_per_s(train_args, os.path.join(args.out_dir, "calibrate"))
+    every = max(1, round(args.minutes * 60 * speed / args.points))
+    max_steps = every * args.points  # the last evaluation is the final one
+    print(f"curve: {speed:.2f} steps/s measured, so {max_steps} steps for {args.minutes:g} minutes", flush=True)
+    run_dir = os.path.join(args.out_dir, "run")
+    log_path = os.path.join(run_dir, "log.jsonl")
+    if os.path.exists(log_path):
+        os.remove(log_path)  # a fresh curve, not the continuation of an old one
+    train([*train_args, f"--max_steps={max_steps}", f"--lr_decay_steps={max_steps}", f"--eval_interval={every}",
+           f"--ckpt_interval={every}", "--init_from=scratch"], run_dir)
+    table = curve_table(read_log(log_path))
+    results = evaluation.evaluate_checkpoint(os.path.join(run_dir, "ckpt"), args.sets.split(","), args.n, args.steps,
+                                             args.cfg, out_dir=os.path.join(args.out_dir, "final"))
+    command = " ".join(["python curve.py", f"--minutes={args.minutes:g}", f"--out_dir={args.out_dir}", *train_args])
+    report = (f"`{command}` ({speed:.2f} steps/s measured)\n\n{table}\n"
+              f"{evaluation.checkpoint_table(results)}")
+    evaluation.write_text(os.path.join(args.out_dir, "curve.md"), report)
+    print("\n" + report, end="")
+
+
+if __name__ == "__main__":
+    main()
