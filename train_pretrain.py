@@ -91,8 +91,9 @@ ground_every = 4  # every 4th sample of the global batch is a grounding sample; 
 ground_weight = 0.1  # total loss = flow + ground_weight * grounding (the DETR terms sum to ~10x the flow MSE)
 ground_clean = 0.5  # share of grounding samples on the clean image, t = 0
 ground_t_max = 0.5  # the others at t ~ U[0, ground_t_max]
-ground_negatives = 0  # hard negative phrases per grounding sample (data.add_hard_negatives, ShapeScenes): a
-#                       confidence that sees shapes and colors, not only boxes (Cycle RL's reward); 0 = none
+ground_negatives = -1  # hard negative phrases per grounding sample (data.add_hard_negatives, ShapeScenes): a
+#                        confidence that sees shapes and colors, not only boxes (Cycle RL's reward); 0 = none,
+#                        -1 = 2 where they apply (ShapeScenes with grounding samples), else none
 ground_depth = 2  # decoder layers of the grounding head
 # IDM's disentangle constraint (only with idm = True)
 idm_weight = 0.1  # total loss += idm_weight * L_dis; L_dis = softplus(CAS(R+) - CAS(R-)) lies in [0.31, 1.31]
@@ -121,6 +122,10 @@ if prediction not in ("v", "x0") or layout_map < 0 or pixel_head < 0:
 if ground_every and batch_size % ground_every:
     runtime.fail(f"batch_size {batch_size} must be a multiple of ground_every {ground_every}, "
                  "so that every micro-batch holds both tasks")
+if ground_negatives == -1:
+    config["ground_negatives"] = ground_negatives = 2 if dataset == "shapescenes" and ground_every else 0
+if ground_negatives < 0:
+    runtime.fail(f"ground_negatives must be >= 0, or -1 for 2 where they apply, got {ground_negatives}")
 if ground_negatives and (dataset != "shapescenes" or not ground_every):
     runtime.fail(f"ground_negatives {ground_negatives}: hard negatives swap ShapeScenes' shape and color words "
                  f"in grounding samples; they need dataset=shapescenes and ground_every > 0")

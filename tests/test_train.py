@@ -64,6 +64,7 @@ def test_generation_only_mode_trains_the_model_without_grounding_head(tmp_path):
     assert not any(k.startswith("grounding_head") for k in weights(out))
     saved = json.loads((out / "ckpt" / "config.json").read_text())
     assert saved["model"]["grounding"] is False
+    assert saved["train"]["ground_negatives"] == 0  # the default -1 means none without grounding samples
 
 
 def test_batch_that_cannot_hold_both_tasks_is_refused(tmp_path):
@@ -79,6 +80,7 @@ def test_checkpoint_folder_is_complete(trained):
                                         "tokenizer.json", "train_state.pt"]
     saved = json.loads((ckpt / "config.json").read_text())
     assert saved["step"] == 150 and saved["model"]["patch"] == 8 and saved["train"]["lr"] == 3e-3
+    assert saved["train"]["ground_negatives"] == 2  # the default -1, resolved and saved for Cycle RL
     assert not os.path.exists(str(ckpt) + ".tmp")
 
 
@@ -115,6 +117,14 @@ def test_unknown_prediction_is_refused_in_one_line(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "error: prediction must be 'v' or 'x0' (got 'eps'), layout_map and pixel_head >= 0 (got 32 and 32)"]
+    assert not out.exists()
+
+
+def test_negative_count_of_hard_negatives_is_refused_in_one_line(tmp_path):
+    result, out = train(tmp_path, "bad", "--ground_negatives=-2", check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: ground_negatives must be >= 0, or -1 for 2 where they apply, got -2"]
     assert not out.exists()
 
 
