@@ -1,9 +1,10 @@
 """
-ShapeScenes: the built-in layout world of EchoGen (shared/WORLD.md), and everything that turns
-scenes into model inputs: the scene sampler and its captions, the anti-aliased renderer, the
-closed-vocabulary tokenizer, layout files (read with full validation, written atomically),
-collation into tensors, a pre-rendered cache (nanoGPT's "prepare" step) and the rule-based
-checker that scores layout-to-image results without any learned judge (WORLD.md, Metrics).
+ShapeScenes: the built-in layout world of EchoGen (its shapes, colors and sampling rules are the
+constants and sample_scene below), and everything that turns scenes into model inputs: the scene
+sampler and its captions, the anti-aliased renderer, the closed-vocabulary tokenizer, layout files
+(read with full validation, written atomically), collation into tensors, a pre-rendered cache
+(nanoGPT's "prepare" step) and the rule-based checker that scores layout-to-image results without
+any learned judge (README, "Train, sample, check").
 Real data: load_dataset turns a COCO-format instances file, its image folder and optionally a
 captions file (--dataset=coco:INSTANCES.json:IMAGE_DIR[:CAPTIONS.json][:key=value ...]) into the
 same kind of cache, with a WordPiece tokenizer trained on its text; every script takes that spec.

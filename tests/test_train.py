@@ -112,19 +112,14 @@ def test_unknown_config_key_is_refused(tmp_path):
     assert not out.exists()
 
 
-def test_unknown_prediction_is_refused_in_one_line(tmp_path):
-    result, out = train(tmp_path, "bad", "--prediction=eps", check=False)
+@pytest.mark.parametrize("argument, message", [
+    ("--prediction=eps", "prediction must be 'v' or 'x0' (got 'eps'), layout_map and pixel_head >= 0 (got 32 and 32)"),
+    ("--ground_negatives=-2", "ground_negatives must be >= 0, or -1 for 2 where they apply, got -2"),
+])
+def test_bad_config_value_is_refused_in_one_line(tmp_path, argument, message):
+    result, out = train(tmp_path, "bad", argument, check=False)
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [
-        "error: prediction must be 'v' or 'x0' (got 'eps'), layout_map and pixel_head >= 0 (got 32 and 32)"]
-    assert not out.exists()
-
-
-def test_negative_count_of_hard_negatives_is_refused_in_one_line(tmp_path):
-    result, out = train(tmp_path, "bad", "--ground_negatives=-2", check=False)
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [
-        "error: ground_negatives must be >= 0, or -1 for 2 where they apply, got -2"]
+    assert result.stderr.strip().splitlines() == [f"error: {message}"]
     assert not out.exists()
 
 
