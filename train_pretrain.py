@@ -73,7 +73,7 @@ prediction = "x0"  # "x0" (JiT) or "v": what the network outputs; the loss is on
 # optimizer
 batch_size = 32  # per rank and micro-step; global batch = batch_size * grad_accum * world size
 grad_accum = 1
-lr = 1e-3
+lr = 2e-3  # 1e-3 and 3e-3 learn shapes slower per minute (docs/shapes.md, "Optimizer and EMA")
 min_lr = 1e-4
 weight_decay = 0.0
 beta1 = 0.9
