@@ -8,6 +8,7 @@ fixed val, heldout and crowded sets.
     python curve.py --minutes=15 --out_dir=out/curve_pmtp                       # PMTP, the tiny config
     python curve.py --minutes=15 --out_dir=out/curve_old --ground_every=0 --layout_map=0 --pixel_head=0 --prediction=v
     python curve.py --log=out/curve_gen/log.jsonl                               # print the curve of a finished run
+    python curve.py --log=out/cycle_rl/log.jsonl                                # plot Cycle RL's reward and checker ISR
 
 Every other --key=value (or config file) goes to train_pretrain.py unchanged. The step budget comes
 from the config's measured speed: a 40-step calibration run first, then max_steps = lr_decay_steps =
@@ -20,6 +21,11 @@ import json
 import os
 import subprocess
 import sys
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt
 
 import eval as evaluation  # eval.py
 
@@ -58,19 +64,60 @@ def curve_table(records):
     return "\n".join(lines) + "\n"
 
 
+def plot_cycle_rl(records, path, title=""):
+    """A Cycle RL log -> a PNG of two panels against updates: the reward (per update and its running
+    mean over 10), and the rule-based checker's ISR, on the update's own SDE samples and on the fixed
+    validation set (the EMA model, Euler sampler) at its evaluations. A rising reward over a flat
+    checker is reward hacking; written to a temporary name, then renamed."""
+    updates = [r for r in records if "reward" in r]
+    evals = [r for r in records if "isr" in r.get("eval", {})]  # real data without a judge has no ISR
+    fig, (top, bottom) = plt.subplots(2, 1, sharex=True, figsize=(7, 5.5))
+    x, reward = [r["step"] for r in updates], [r["reward"] for r in updates]
+    top.plot(x, reward, color="tab:blue", alpha=0.35, lw=1, label="reward per update")
+    top.plot(x, [sum(reward[max(0, i - 9):i + 1]) / len(reward[max(0, i - 9):i + 1]) for i in range(len(reward))],
+             color="tab:blue", lw=2, label="running mean (10 updates)")
+    top.set_ylabel("reward (IoU + confidence)")
+    top.legend(loc="lower right", fontsize=8)
+    if updates and "sample_isr" in updates[0]:
+        bottom.plot(x, [r["sample_isr"] for r in updates], color="tab:orange", alpha=0.5, lw=1,
+                    label="checker ISR of the update's samples")
+    bottom.plot([r["step"] for r in evals], [r["eval"]["isr"] for r in evals], "o-", color="tab:green", lw=2,
+                label="checker ISR on val (EMA)")
+    bottom.set_xlabel("update")
+    bottom.set_ylabel("checker ISR")
+    bottom.legend(loc="lower right", fontsize=8)
+    for axis in (top, bottom):
+        axis.grid(alpha=0.3)
+    top.set_title(title, fontsize=9)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--minutes", type=float, default=15.0, help="training minutes (wall clock, this machine)")
     parser.add_argument("--points", type=int, default=6, help="validation evaluations along the run")
     parser.add_argument("--out_dir", default="out/curve")
-    parser.add_argument("--log", default="", help="only print the curve of this train_pretrain.py log.jsonl")
+    parser.add_argument("--log", default="", help="only print the curve of this train_pretrain.py log.jsonl, or "
+                        "plot a train_cycle_rl.py log.jsonl (reward and checker ISR) into --png")
+    parser.add_argument("--png", default="", help="with a Cycle RL --log: the plot (default: reward.png beside the log)")
     parser.add_argument("--sets", default="val,heldout,crowded", help="the final model's sets (eval.py --sets)")
     parser.add_argument("--n", type=int, default=100, help="scenes per set of the final model (seed 0)")
     parser.add_argument("--steps", type=int, default=25, help="Euler steps of the final evaluation")
     parser.add_argument("--cfg", type=float, default=3.0, help="guidance scale of the final evaluation")
     args, train_args = parser.parse_known_args()
     if args.log:
-        print(curve_table(read_log(args.log)), end="")
+        records = read_log(args.log)
+        if any("reward" in r for r in records):
+            png = args.png or os.path.join(os.path.dirname(args.log), "reward.png")
+            plot_cycle_rl(records, png, args.log)
+            print(f"plot: {png}")
+        else:
+            print(curve_table(records), end="")
         return
     if args.minutes <= 0 or args.points < 1:
         sys.exit(f"error: --minutes must be > 0 and --points >= 1, got {args.minutes} and {args.points}")

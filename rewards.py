@@ -12,6 +12,7 @@ Rewards and advantages of Cycle RL (DESIGN.md, "The three stages", 3; issue 5).
 - group_advantages: GRPO's group-relative advantages (per layout group of G samples: mean and std
   of its rewards, a small epsilon, clipping).
 - critic_advantages: PPO's r - phi(s_t) with a learned value (I-DRUID), and ValueCritic, the small MLP.
+- agreement: how an update's rewards relate to the rule-based checker's verdict on the same images.
 - clipped_policy_loss: the clipped ratio objective of one step and its statistics (clip fraction,
   approx-KL), shared by GRPO and PPO.
 """
@@ -129,6 +130,34 @@ class ValueCritic(nn.Module):
         pooled = F.adaptive_avg_pool2d(x_t.float(), self.pool).flatten(1)  # (B, C * pool * pool)
         layout = torch.cat([boxes.float() * instance_mask[..., None], instance_mask[..., None].float()], -1)
         return self.mlp(torch.cat([pooled, t.float()[:, None], layout.flatten(1)], dim=1)).squeeze(1)
+
+
+# -----------------------------------------------------------------------------
+# does the reward agree with the checker?
+
+
+def correlation(a, b):
+    """Pearson correlation of two (n,) tensors; None when either is constant (no agreement to measure)."""
+    a, b = a - a.mean(), b - b.mean()
+    scale = (a.norm() * b.norm()).item()
+    return (a @ b).item() / scale if scale > 0 else None
+
+
+def agreement(reward, checker, group_size):
+    """How a Cycle RL update's rewards relate to the rule-based checker on the same images: reward and
+    checker (B * G,) per image (the checker's share of passed instances), each group's G contiguous ->
+    {"tie_groups": the share of groups whose rewards all tie (GRPO learns nothing from them),
+     "sample_isr": the checker's mean, "reward_checker_corr": their correlation over all images,
+     "reward_checker_corr_in_group": the same with both centred on their group's mean (the differences
+     GRPO's advantages are made of)}; a correlation is None where either side is constant."""
+    grouped_reward, grouped_checker = reward.view(-1, group_size), checker.view(-1, group_size)
+    ties = grouped_reward.max(1).values == grouped_reward.min(1).values
+    return {"tie_groups": ties.float().mean().item(),
+            "sample_isr": checker.mean().item(),
+            "reward_checker_corr": correlation(reward, checker),
+            "reward_checker_corr_in_group": correlation(
+                (grouped_reward - grouped_reward.mean(1, keepdim=True)).flatten(),
+                (grouped_checker - grouped_checker.mean(1, keepdim=True)).flatten())}
 
 
 # -----------------------------------------------------------------------------

@@ -108,6 +108,14 @@ class Dist:
         dist.all_reduce(t)
         return t.item() / self.world
 
+    def all_reduce_max(self, value):
+        """The largest of a float over ranks (for logging)."""
+        if not self.ddp:
+            return float(value)
+        t = torch.tensor([float(value)], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t.item()
+
     def barrier(self):
         if self.ddp:
             dist.barrier()

@@ -22,9 +22,13 @@ Per update:
      passes (logged as "idm"), so that RL does not undo the disentangling;
   6. ground_generated (on by default): generated images whose reward reaches ground_threshold
      train the grounding head with their own layouts as targets (the cycle's gift to grounding).
-Logs per update: mean reward, std of the reward within groups, KL, clip fraction, approx-KL; every
+Logs per update: mean reward, std of the reward within groups, KL, clip fraction, approx-KL, and on
+ShapeScenes the rule-based checker on the update's own samples (never part of the reward): their ISR
+(sample_isr), the share of groups whose rewards all tie (tie_groups, skipped by GRPO) and the
+correlation of reward and checker ISR, over all samples and within groups; every
 eval_interval updates the rule-based checker's ISR / mIoU of the EMA model on the fixed validation
-set (so reward hacking shows as a rising reward with a flat checker), its grounding and a sample grid.
+set (so reward hacking shows as a rising reward with a flat checker), its grounding, a sample grid,
+and out_dir/reward.png: the reward against updates above the checker's ISR (curve.plot_cycle_rl).
 
     python train_cycle_rl.py                                          # from out/pretrain/ckpt, CPU is fine
     python train_cycle_rl.py --algo=ppo --out_dir=out/cycle_rl_ppo
@@ -52,6 +56,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+import curve  # the reward / checker plot
 import data
 import detector
 import eval as evaluation  # eval.py; renamed so as not to shadow the builtin
@@ -294,7 +299,9 @@ def policy_update(trajectory, batch, advantages, weight, steps):
     """The clipped objective + KL over the trained steps, in `minibatches` optimizer steps.
     advantages (S, B) per trained step, weight (B,) 1 for rows that train, 0 for skipped ones.
     -> the log's statistics, averaged."""
-    stats = {"kl": 0.0, "clip_frac": 0.0, "approx_kl": 0.0, "policy_loss": 0.0}
+    # ratio_error: max |ratio - 1| of the first minibatch, scored before any optimizer step: the policy
+    # must score its own samples exactly as it sampled them, so anything but 0 is a bug
+    stats = {"kl": 0.0, "clip_frac": 0.0, "approx_kl": 0.0, "policy_loss": 0.0, "ratio_error": 0.0}
     if idm_term is not None:
         stats["idm"] = 0.0
     per_minibatch = samples_per_rank // minibatches
@@ -316,8 +323,12 @@ def policy_update(trajectory, batch, advantages, weight, steps):
             with torch.no_grad():
                 ref = sampler.policy_step(reference, sub, x_t, t, t_next, cfg_scale, sde_a, prev_sample=x_next)
             kl = sampler.gaussian_step_kl(out.mean, ref.mean, out.std)
-            policy_loss, step_stats = rewards.clipped_policy_loss(out.log_prob, trajectory["log_prob"][s][rows],
-                                                                  advantages[i][rows], clip_range)
+            old_log_prob = trajectory["log_prob"][s][rows]
+            policy_loss, step_stats = rewards.clipped_policy_loss(out.log_prob, old_log_prob, advantages[i][rows],
+                                                                  clip_range)
+            if m == 0:
+                ratio_error = (out.log_prob.detach() - old_log_prob).exp().sub(1).abs().max().item()
+                stats["ratio_error"] = max(stats["ratio_error"], ratio_error)
             loss = ((policy_loss + kl_weight * kl) * w).sum() / denominator / len(steps)
             if idm_term is not None:  # over all rows, skipped groups too: L_dis needs no reward
                 loss = loss + idm_term * out.idm_loss / len(steps)
@@ -357,6 +368,16 @@ def ground_generated_images(images, batch, reward, update):
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss.item(), int(use.sum())
+
+
+def checker_per_image(images, scenes):
+    """The rule-based checker on this rank's generated images (B,): each image's share of passed
+    instances. Logged beside the reward to show whether the reward agrees with the checker; it never
+    enters the reward."""
+    pictures = sampler.to_uint8(images)
+    return torch.tensor([float(np.mean([data.check_instance(picture, inst)["success"]
+                                        for inst in scenes[j // group_size]["instances"]]))
+                         for j, picture in enumerate(pictures)], device=dev)
 
 
 def rl_update(update):
@@ -403,11 +424,13 @@ def rl_update(update):
     record.update(reward=all_rewards.mean().item(),
                   reward_std_in_group=all_rewards.view(-1, group_size).std(1, unbiased=False).mean().item(),
                   reward_iou=dist_ctx.all_reduce_mean(scored["iou"].mean().item()),
-                  reward_conf=dist_ctx.all_reduce_mean(scored["confidence"].mean().item()),
-                  skipped_groups=dist_ctx.all_reduce_mean(1 - weight.mean().item()))
+                  reward_conf=dist_ctx.all_reduce_mean(scored["confidence"].mean().item()))
+    if layout_pool is None:  # ShapeScenes: the checker can judge the policy's own samples
+        record.update(rewards.agreement(all_rewards, gather(checker_per_image(trajectory["x0"], scenes)), group_size))
     for key in ("kl", "clip_frac", "approx_kl", "policy_loss", "critic_loss", "ground_loss", "idm"):
         if key in record:
             record[key] = dist_ctx.all_reduce_mean(record[key])
+    record["ratio_error"] = dist_ctx.all_reduce_max(record["ratio_error"])
     return record, trajectory["x0"], scenes
 
 
@@ -419,6 +442,7 @@ def evaluate(update):
     metrics = evaluation.evaluate(ema, val_set, tokenizer, eval_steps, cfg_scale, shift, grid_path=grid,
                                   judge=judge_grounder)
     log.write({"step": update, "eval": metrics})
+    curve.plot_cycle_rl(curve.read_log(log.path), os.path.join(out_dir, "reward.png"), f"Cycle RL ({algo}), {out_dir}")
     tqdm.write(f"update {update}: val {evaluation.summary(metrics)} -> {grid}")
 
 

@@ -254,6 +254,18 @@ def test_clipped_objective_and_its_statistics():
     assert math.isclose(stats["approx_kl"], float((0.5 * new ** 2).mean()), rel_tol=1e-6)
 
 
+def test_agreement_counts_tied_groups_and_correlates_within_groups():
+    # group 0 ties, group 1's reward ranks its images as the checker does, group 2's ranks them backwards
+    reward = torch.tensor([1.0, 1.0, 0.2, 0.8, 0.8, 0.2])
+    checker = torch.tensor([0.5, 0.5, 0.0, 1.0, 0.0, 1.0])
+    stats = rewards.agreement(reward, checker, group_size=2)
+    assert stats["tie_groups"] == pytest.approx(1 / 3)
+    assert stats["sample_isr"] == pytest.approx(0.5)
+    assert stats["reward_checker_corr_in_group"] == pytest.approx(0.0, abs=1e-6)  # +1 and -1 in equal measure
+    assert rewards.agreement(reward[:4], checker[:4], 2)["reward_checker_corr_in_group"] == pytest.approx(1.0)
+    assert rewards.agreement(reward[:2], checker[:2], 2)["reward_checker_corr"] is None  # nothing varies
+
+
 def test_brightness_reward_reads_inside_the_boxes():
     images = -torch.ones(1, 3, 8, 8)
     images[:, :, :4, :4] = 1.0  # the top-left quarter is white
@@ -320,7 +332,9 @@ def test_resumed_run_equals_uninterrupted_run(pmtp_ckpt, tmp_path, algo):
     cycle_rl(pmtp_ckpt, tmp_path / "parts", *extra, "--max_steps=2")
     parts = cycle_rl(pmtp_ckpt, tmp_path / "parts", *extra, "--max_steps=4", "--init_from=resume")
     assert parts == whole and len(whole) == 4
-    assert all(k in whole[0] for k in ("reward", "reward_std_in_group", "kl", "clip_frac", "approx_kl"))
+    assert all(k in whole[0] for k in ("reward", "reward_std_in_group", "kl", "clip_frac", "approx_kl", "tie_groups",
+                                       "sample_isr", "reward_checker_corr", "reward_checker_corr_in_group"))
+    assert all(r["ratio_error"] == 0.0 for r in whole)  # each update's first minibatch scores as it sampled
     assert any(r["ground_images"] > 0 for r in whole)  # the cycle's gift to grounding ran
     for which in ("model", "ema"):
         a, b = (load_file(str(tmp_path / run_ / "ckpt" / f"{which}.safetensors")) for run_ in ("whole", "parts"))
