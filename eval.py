@@ -6,6 +6,7 @@ model's own grounding of the world's true renders.
     python eval.py --ckpt out/pretrain/ckpt                          # val and heldout, 64 scenes each
     python eval.py --ckpt out/pretrain/ckpt --sets val,heldout,crowded,leakage --n 64 --steps 25 --cfg 3.0
     python eval.py --ckpt out/pretrain/ckpt --sets val,heldout,crowded,leakage --judge out/detector/ckpt --out out/eval
+    python eval.py --ckpt out/pretrain/ckpt --agreement 24     # does the own-head reward agree with the checker?
 
 prints one JSON line per set, then a markdown table (a row per set). The sets: "val" in-distribution,
 "heldout" the held-out compositions, "crowded" 5 to 8 objects, "leakage" the attribute-leakage probe
@@ -41,11 +42,13 @@ import argparse
 import json
 import os
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 import data
 import detector
+import rewards
 import runtime
 import sampler
 
@@ -267,6 +270,55 @@ def checkpoint_table(results):
     return head + markdown_table(rows, "set")
 
 
+# variants of the layout reward from the grounder's per-instance IoU and confidence (B, N) and the
+# instance mask: today's Cycle RL reward (rewards.score_layouts), its two halves, and their product
+REWARD_VARIANTS = {
+    "iou + confidence (Cycle RL's)": lambda iou, conf, mask: ((iou + conf) * mask).sum(1) / mask.sum(1),
+    "iou": lambda iou, conf, mask: (iou * mask).sum(1) / mask.sum(1),
+    "confidence": lambda iou, conf, mask: (conf * mask).sum(1) / mask.sum(1),
+    "iou x confidence per instance": lambda iou, conf, mask: (iou * conf * mask).sum(1) / mask.sum(1),
+}
+
+
+@torch.no_grad()
+def reward_agreement(model, tokenizer, n_layouts, group_size=8, steps=10, cfg=3.0, a=0.7, sde_window=(0, 3), seed=0):
+    """Does the model's own layout reward agree with the checker where GRPO looks, within a group?
+    n_layouts training-distribution layouts (seeded), group_size samples each through Cycle RL's SDE
+    (sampler.sample_sde, the default window of the early steps), each image grounded by the model's
+    head and judged by the checker. -> {variant: rewards.agreement(...)} for REWARD_VARIANTS, and the
+    head's mean IoU and confidence on the instances the checker passes and on those it fails."""
+    device = next(model.parameters()).device
+    grounder = own_grounder(model, tokenizer)
+    model.train()  # Cycle RL samples in train mode (sampler.policy_step)
+    per_variant, checker, instances = {name: [] for name in REWARD_VARIANTS}, [], []
+    for i in tqdm(range(n_layouts), desc="agreement", leave=False):
+        scene = data.sample_scene(np.random.default_rng([seed, i]), (1, 4))
+        batch = {k: v.repeat_interleave(group_size, 0).to(device)
+                 for k, v in data.collate([scene], None, tokenizer, model.config.max_instances).items()}
+        noise = torch.randn((group_size, model.config.channels, model.config.res, model.config.res),
+                            generator=torch.Generator().manual_seed(seed * 100003 + i)).to(device)
+        generators = [runtime.step_generator(seed + 7919 * (j + 1), i, device) for j in range(group_size)]
+        images = sampler.sample_sde(model, batch, noise, steps, cfg, 1.0, a, generators, sde_window)["x0"]
+        boxes, scores = grounder({**batch, "images": images.float().clamp(-1, 1)})
+        iou = rewards.matched_ious(boxes, batch["boxes"], batch["phrase_ids"], batch["instance_mask"])
+        mask = batch["instance_mask"].float()
+        for name, variant in REWARD_VARIANTS.items():
+            per_variant[name].append(variant(iou, scores.float(), mask).cpu())
+        passed = torch.tensor([[data.check_instance(picture, inst)["success"] for inst in scene["instances"]]
+                               for picture in sampler.to_uint8(images)], dtype=torch.float32)  # (G, n)
+        checker.append(passed.mean(1))
+        n = len(scene["instances"])
+        instances += list(zip(passed.flatten().tolist(), iou[:, :n].flatten().tolist(), scores[:, :n].flatten().tolist()))
+    model.eval()
+    checker = torch.cat(checker)
+    result = {name: rewards.agreement(torch.cat(values), checker, group_size) for name, values in per_variant.items()}
+    for verdict, key in ((1.0, "passed"), (0.0, "failed")):
+        chosen = [(iou, conf) for ok, iou, conf in instances if ok == verdict]
+        result[key] = {"instances": len(chosen), "iou": round(float(np.mean([c[0] for c in chosen])), 4) if chosen else None,
+                       "confidence": round(float(np.mean([c[1] for c in chosen])), 4) if chosen else None}
+    return result
+
+
 def main():
     parser = argparse.ArgumentParser(description="Checker and grounding figures of an EchoGen checkpoint.")
     parser.add_argument("--ckpt", required=True, help="checkpoint folder (its EMA weights)")
@@ -282,6 +334,8 @@ def main():
                         "model's resolution (detector.py train --res=R), its verdict beside the checker's; on real data "
                         "one trained on the real training images (COCO-MIG's ISR and mIoU)")
     parser.add_argument("--out", default="", help="ShapeScenes: write table.md, results.json and grids/{set}.png here")
+    parser.add_argument("--agreement", type=int, default=0, help="ShapeScenes: only measure, on this many layouts x 8 "
+                        "SDE samples, how the own-head reward agrees with the checker within groups (reward_agreement)")
     args = parser.parse_args()
     sets = args.sets.split(",")
     for kind in sets:
@@ -290,6 +344,26 @@ def main():
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device)
     saved = runtime.read_checkpoint_config(args.ckpt)
     dataset = args.dataset or saved.get("train", {}).get("dataset", "shapescenes")
+    if args.agreement:
+        if dataset != "shapescenes" or not saved["model"].get("grounding"):
+            runtime.fail(f"--agreement: needs a ShapeScenes model with a grounding head, got '{args.ckpt}'")
+        model, tokenizer, _ = runtime.load_model(args.ckpt, "ema", device)
+        result = reward_agreement(model, tokenizer, args.agreement)
+        lines = ["| reward | in-group correlation with the checker | correlation over all samples | tied groups |",
+                 "| --- | --- | --- | --- |"]
+        for name in REWARD_VARIANTS:
+            r = result[name]
+            show = lambda v: "-" if v is None else f"{v:+.3f}"
+            lines.append(f"| {name} | {show(r['reward_checker_corr_in_group'])} | {show(r['reward_checker_corr'])} | "
+                         f"{r['tie_groups']:.2f} |")
+        sample_isr = next(iter(result.values()))["sample_isr"]
+        print(json.dumps(result))
+        print(f"\n{args.agreement} layouts x 8 SDE samples (10 steps, stochastic 0..2), checker ISR of the samples "
+              f"{sample_isr:.3f}; the head on passed instances: IoU "
+              f"{result['passed']['iou']}, confidence {result['passed']['confidence']}; on failed ones: IoU "
+              f"{result['failed']['iou']}, confidence {result['failed']['confidence']}\n")
+        print("\n".join(lines))
+        return
     if dataset != "shapescenes":  # real data: its held-out images, at the model's resolution, with its tokenizer
         if args.out:
             runtime.fail(f"--out: the table, JSON and grids are written for ShapeScenes sets; on real data ({dataset}) "

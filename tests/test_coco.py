@@ -322,7 +322,7 @@ MICRO = ["--res=32", "--patch=8", "--dim=32", "--depth=2", "--heads=2", "--text_
 MICRO_JUDGE = ["--res=32", "--dim=32", "--depth=1", "--heads=2", "--text_depth=1", "--max_instances=4", "--val_scenes=1",
                "--batch_size=4", "--max_steps=2", "--warmup_steps=1", "--log_interval=1", "--eval_interval=0",
                "--ckpt_interval=0"]
-MICRO_RL = ["--val_scenes=1", "--layouts_per_update=2", "--group_size=2", "--sample_steps=2", "--reward_refresh=1",
+MICRO_RL = ["--val_scenes=1", "--layouts_per_update=2", "--group_size=2", "--sample_steps=2", "--sde_window_end=-1", "--reward_refresh=1",
             "--ckpt_interval=1", "--max_steps=1", "--minibatches=1"]
 
 
