@@ -1,28 +1,34 @@
 """
 The main job: EchoGen's three stages on one command, each model evaluated as soon as it exists, and
-one results table at the end (DESIGN.md "The three stages" and "Honest measurement").
+one results table at the end.
 
-    python pipeline.py                          # the tiny CPU config (R = 32) -> out/pipeline/
+    python pipeline.py                          # the main job: one chain on the CPU (R = 32) -> out/pipeline/
+    python pipeline.py --preset=ablations       # what each stage adds: the comparisons -> out/pipeline_ablations/
     python pipeline.py --preset=gpu --nproc=8   # R = 64 (config/gpu.py); the training stages under torchrun
     python pipeline.py --fresh                  # start over (by default finished stages are skipped)
 
-The stages, in order; each training stage is a subprocess of its own script, so its tqdm line, its
-torchrun launch and its checkpoint format stay the script's own:
-    judge      detector.py train             the standalone detector, on true renders only, at the pipeline's R
-    gen_only   train_pretrain.py --ground_every=0    the generation-only baseline
-    pmtp       train_pretrain.py             stage 1, PMTP
-    pmtp_idm   train_pretrain.py --idm=True  PMTP with IDM: with pmtp, the IDM on/off pair
-    djo        train_joint.py                stage 2, DJO, from pmtp
-    cycle_rl   train_cycle_rl.py --algo=grpo stage 3, Cycle RL (GRPO), from djo
-gen_only, pmtp and pmtp_idm get the same step budget, so that their rows compare at equal training.
+A preset names its stages (the keys of its budgets, in order). Each training stage is a subprocess of
+its own script, so that its tqdm line, its torchrun launch and its checkpoint format stay the
+script's own:
+    judge         detector.py train                    the standalone detector, on true renders only, at the pipeline's R
+    gen_only      train_pretrain.py --ground_every=0   the generation-only baseline
+    pmtp          train_pretrain.py                    stage 1, PMTP
+    pmtp_idm      train_pretrain.py --idm=True         PMTP with IDM: with pmtp, the IDM on/off pair
+    djo           train_joint.py                       stage 2, DJO, from pmtp
+    cycle_rl      train_cycle_rl.py --algo=grpo        stage 3, Cycle RL (GRPO), from djo
+    cycle_rl_ppo  train_cycle_rl.py --algo=ppo         stage 3 with PPO and its critic, from djo, the same sampling budget
+The main job (tiny) is the chain judge, pmtp, djo, cycle_rl: most of its minutes go to PMTP, and it
+ends on the best model the project makes on a CPU. The ablations preset trains every stage, with
+gen_only, pmtp and pmtp_idm at the same step budget, so that their rows compare at equal training.
 After each model stage, eval.evaluate_checkpoint scores it on the fixed scene sets (in-distribution,
 held-out compositions, crowded, the attribute-leakage probe) with the checker, the model's own
 grounding head and the judge.
 
-What out_dir holds: {stage}/ (the script's out_dir: ckpt/, log.jsonl), eval/{stage}/ (eval.py's
-table.md, results.json, grids/{set}.png: generated image with the asked boxes | true render | the
-model's own grounding of its image), and table.md + results.json: per scene set a table with a row
-per model, under a first row of the world's true renders (the ceiling of every column at this R).
+What out_dir holds: {stage}/ (the script's out_dir: ckpt/, log.jsonl; Cycle RL's reward.png, the
+reward against updates above the checker's ISR), eval/{stage}/ (eval.py's table.md, results.json,
+grids/{set}.png: generated image with the asked boxes | true render | the model's own grounding of
+its image), and table.md + results.json: per scene set a table with a row per model, under a first
+row of the world's true renders (the ceiling of every column at this R).
 
 Resuming: a stage whose checkpoint has reached its budget is skipped and one cut short resumes from
 its checkpoint; a stage whose command changed (a budget tuned in PRESETS) is trained again, and so is
@@ -49,11 +55,11 @@ import runtime
 # defaults) of every stage; the stages' --out_dir, --max_steps, --lr_decay_steps, --init_from, --res,
 # --data_dir and --device are the pipeline's
 PRESETS = {
-    # the main job: CPU, R = 32, the scripts' tiny config; must finish within 30 minutes on 2 cores
+    # the main job: CPU, R = 32, the scripts' tiny config, one chain; must finish within 30 minutes on 2 cores
     "tiny": dict(
         out_dir="out/pipeline",
         res=32,
-        budgets=dict(judge=600, gen_only=700, pmtp=700, pmtp_idm=700, djo=200, cycle_rl=20),
+        budgets=dict(judge=600, pmtp=2200, djo=200, cycle_rl=40),
         eval=dict(sets="val,heldout,crowded,leakage", n=64, steps=25, cfg=3.0),
         args=dict(
             # the judge shares the generators' cache (R = 32, 20000 scenes, seed 0) and is evaluated once, at the
@@ -62,16 +68,31 @@ PRESETS = {
             judge=["--feature_level=1", "--cache_scenes=20000", "--warmup_steps=100", "--eval_interval=0",
                    "--ckpt_interval=200"],
             # the scripts' own periodic figures are off: the pipeline evaluates every model once, on every set
-            pretrain=["--val_scenes=0", "--eval_interval=0", "--ckpt_interval=200", "--warmup_steps=50"],
+            pretrain=["--val_scenes=0", "--eval_interval=0", "--ckpt_interval=200"],
             djo=["--val_scenes=0", "--eval_interval=0", "--ckpt_interval=100", "--warmup_steps=20"],
-            cycle_rl=["--val_scenes=0", "--eval_interval=0", "--ckpt_interval=10"],
+            cycle_rl=["--val_scenes=64", "--eval_interval=10", "--ckpt_interval=10", "--eval_steps=10"],
         ),
     ),
-    # seconds: the micro models of the tests, two steps a stage (tests/test_pipeline.py)
+    # what each stage adds, on the CPU: every stage, gen_only / pmtp / pmtp_idm at equal steps, GRPO and PPO
+    # from the same DJO checkpoint with the same sampling budget
+    "ablations": dict(
+        out_dir="out/pipeline_ablations",
+        res=32,
+        budgets=dict(judge=600, gen_only=1200, pmtp=1200, pmtp_idm=1200, djo=200, cycle_rl=20, cycle_rl_ppo=20),
+        eval=dict(sets="val,heldout,crowded,leakage", n=64, steps=25, cfg=3.0),
+        args=dict(
+            judge=["--feature_level=1", "--cache_scenes=20000", "--warmup_steps=100", "--eval_interval=0",
+                   "--ckpt_interval=200"],
+            pretrain=["--val_scenes=0", "--eval_interval=0", "--ckpt_interval=200"],
+            djo=["--val_scenes=0", "--eval_interval=0", "--ckpt_interval=100", "--warmup_steps=20"],
+            cycle_rl=["--val_scenes=64", "--eval_interval=10", "--ckpt_interval=10", "--eval_steps=10"],
+        ),
+    ),
+    # seconds: the micro models of the tests, every stage, two steps each (tests/test_pipeline.py)
     "micro": dict(
         out_dir="out/pipeline_micro",
         res=32,
-        budgets=dict(judge=2, gen_only=2, pmtp=2, pmtp_idm=2, djo=2, cycle_rl=1),
+        budgets=dict(judge=2, gen_only=2, pmtp=2, pmtp_idm=2, djo=2, cycle_rl=1, cycle_rl_ppo=1),
         eval=dict(sets="val,heldout,crowded,leakage", n=3, steps=2, cfg=3.0),
         args=dict(
             judge=["--dim=32", "--depth=1", "--heads=2", "--text_depth=1", "--batch_size=4", "--cache_scenes=64",
@@ -81,16 +102,17 @@ PRESETS = {
                       "--ckpt_interval=0"],
             djo=["--batch_size=4", "--cache_scenes=64", "--val_scenes=0", "--warmup_steps=1", "--eval_interval=0",
                  "--ckpt_interval=0"],
-            cycle_rl=["--val_scenes=0", "--layouts_per_update=2", "--group_size=2", "--sample_steps=2",
+            cycle_rl=["--val_scenes=0", "--layouts_per_update=2", "--group_size=2", "--sample_steps=2", "--sde_window_end=-1",
                       "--reward_refresh=1", "--ckpt_interval=1", "--minibatches=1"],
         ),
     ),
-    # GPUs: R = 64, the DiT-S-sized model of config/gpu.py (bf16, torch.compile); --nproc=N for torchrun.
+    # GPUs: the main job's chain at R = 64, the DiT-S-sized model of config/gpu.py (bf16, torch.compile);
+    # --nproc=N for torchrun.
     # Not yet run: the budgets are the scripts' GPU defaults, untimed.
     "gpu": dict(
         out_dir="out/pipeline_gpu",
         res=64,
-        budgets=dict(judge=3000, gen_only=20000, pmtp=20000, pmtp_idm=20000, djo=2000, cycle_rl=200),
+        budgets=dict(judge=3000, pmtp=20000, djo=2000, cycle_rl=200),
         eval=dict(sets="val,heldout,crowded,leakage", n=256, steps=25, cfg=3.0),
         args=dict(
             judge=["--cache_scenes=50000", "--eval_interval=1000", "--ckpt_interval=1000", "--compile=True"],
@@ -111,17 +133,24 @@ STAGES = {
     "pmtp_idm": (["train_pretrain.py"], "pretrain", ["--idm=True"], None),
     "djo": (["train_joint.py"], "djo", [], "pmtp"),
     "cycle_rl": (["train_cycle_rl.py"], "cycle_rl", ["--algo=grpo"], "djo"),
+    "cycle_rl_ppo": (["train_cycle_rl.py"], "cycle_rl", ["--algo=ppo"], "djo"),
 }
-ROWS = {  # the rows of the results table, in its order
+ROWS = {  # the rows of the results table, in its order (those of the preset's stages)
     "gen_only": "generation only (baseline)",
     "pmtp": "PMTP",
     "pmtp_idm": "PMTP + IDM",
     "djo": "PMTP + DJO",
     "cycle_rl": "PMTP + DJO + Cycle RL (GRPO)",
+    "cycle_rl_ppo": "PMTP + DJO + Cycle RL (PPO)",
 }
 TRUE_RENDERS = "true renders (the ceiling)"
 ROOT = os.path.dirname(os.path.abspath(__file__))
 WRITTEN = [*STAGES, "eval", "table.md", "results.json", "timings.json"]  # what --fresh deletes in out_dir
+
+
+def model_stages(preset):
+    """The preset's stages that make a model, each a row of its table, in ROWS' order."""
+    return [name for name in ROWS if name in preset["budgets"]]
 
 
 def checkpoint_step(stage_dir):
@@ -251,8 +280,8 @@ def results_table(name, preset, rows, timings, command):
 
 def main():
     parser = argparse.ArgumentParser(description="EchoGen's main job: the three stages, evaluated, one table.")
-    parser.add_argument("--preset", default="tiny", choices=list(PRESETS), help="tiny (CPU, the default), micro "
-                        "(seconds, for the tests) or gpu (R = 64, config/gpu.py)")
+    parser.add_argument("--preset", default="tiny", choices=list(PRESETS), help="tiny (the main job, CPU, the default), "
+                        "ablations (every stage, CPU), micro (seconds, for the tests) or gpu (R = 64, config/gpu.py)")
     parser.add_argument("--nproc", type=int, default=1, help="processes per training stage; > 1 launches torchrun")
     parser.add_argument("--out_dir", default="", help="default: the preset's (out/pipeline for tiny)")
     parser.add_argument("--data_dir", default="data", help="where the scripts keep the pre-rendered caches")
@@ -277,8 +306,9 @@ def main():
     timings = read_json(timings_path) or {}
     start, retrained = time.perf_counter(), []
 
-    for i, name in enumerate(STAGES):
-        print(f"[{i + 1}/{len(STAGES)}] {name}", flush=True)
+    stages = list(preset["budgets"])
+    for i, name in enumerate(stages):
+        print(f"[{i + 1}/{len(stages)}] {name}", flush=True)
         tic = time.perf_counter()
         if train_stage(name, preset, args, retrained):
             retrained.append(name)
@@ -290,11 +320,11 @@ def main():
 
     # one table: the true renders' row, then each model's results as eval wrote them
     rows = {TRUE_RENDERS: true_render_figures(preset, args, device)}
-    for name, label in ROWS.items():
-        rows[label] = read_json(os.path.join(args.out_dir, "eval", name, "results.json"))["sets"]
+    for name in model_stages(preset):
+        rows[ROWS[name]] = read_json(os.path.join(args.out_dir, "eval", name, "results.json"))["sets"]
     command = "python pipeline.py" + (f" --preset={args.preset}" if args.preset != "tiny" else "") + (
         f" --nproc={args.nproc}" if args.nproc > 1 else "")
-    table = results_table(args.preset, preset, rows, {k: timings[k] for k in STAGES if k in timings}, command)
+    table = results_table(args.preset, preset, rows, {k: timings[k] for k in stages if k in timings}, command)
     results = {"preset": args.preset, "res": preset["res"], "budgets": preset["budgets"], "eval": preset["eval"],
                "seconds": timings, "rows": rows}
     evaluation.write_text(os.path.join(args.out_dir, "table.md"), table)

@@ -105,14 +105,16 @@ def test_the_pipeline_runs_every_stage_and_ends_with_the_table(main_job):
     for i, name in enumerate(pipeline.STAGES):
         assert f"[{i + 1}/{len(pipeline.STAGES)}] {name}\n" in result.stdout
         assert pipeline.checkpoint_step(out / name) == budgets[name]
-    for progress in ("detector", "pretrain", "djo", "cycle-rl grpo", *(f"eval {name}" for name in pipeline.ROWS)):
+    for progress in ("detector", "pretrain", "djo", "cycle-rl grpo", "cycle-rl ppo",
+                     *(f"eval {name}" for name in pipeline.ROWS)):
         assert f"{progress}: 100%" in result.stderr, progress  # a tqdm line per stage
     # the models start where they should: DJO from PMTP, Cycle RL from DJO, IDM only in its arm
     saved = {name: json.loads((out / name / "ckpt" / "config.json").read_text()) for name in pipeline.STAGES}
     assert saved["djo"]["train"]["init_from"] == str(out / "pmtp" / "ckpt")
     assert saved["cycle_rl"]["train"]["init_from"] == str(out / "djo" / "ckpt")
-    assert saved["cycle_rl"]["train"]["algo"] == "grpo"
-    assert [saved[name]["model"]["idm"] for name in pipeline.ROWS] == [False, False, True, False, False]
+    assert saved["cycle_rl_ppo"]["train"]["init_from"] == str(out / "djo" / "ckpt")
+    assert saved["cycle_rl"]["train"]["algo"] == "grpo" and saved["cycle_rl_ppo"]["train"]["algo"] == "ppo"
+    assert [saved[name]["model"]["idm"] for name in pipeline.ROWS] == [False, False, True, False, False, False]
     assert not saved["gen_only"]["model"]["grounding"] and saved["pmtp"]["model"]["grounding"]
 
     results = json.loads((out / "results.json").read_text())
