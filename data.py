@@ -477,6 +477,28 @@ def collate(scenes, images, tokenizer, max_instances):
     return _to_tensors(_tokenize_scenes(scenes, tokenizer, max_instances), images)
 
 
+def resolve_ground_negatives(ground_negatives, dataset, ground_every):
+    """The ground_negatives config value of the training scripts -> hard negatives per grounding sample:
+    -1 means 2 where they apply (ShapeScenes with grounding samples) and none elsewhere; a bad value
+    stops the script with one line."""
+    if ground_negatives == -1:
+        return 2 if dataset == "shapescenes" and ground_every else 0
+    if ground_negatives < 0:
+        runtime.fail(f"ground_negatives must be >= 0, or -1 for 2 where they apply, got {ground_negatives}")
+    if ground_negatives and (dataset != "shapescenes" or not ground_every):
+        runtime.fail(f"ground_negatives {ground_negatives}: hard negatives swap ShapeScenes' shape and color words "
+                     f"in grounding samples; they need dataset=shapescenes and ground_every > 0")
+    return ground_negatives
+
+
+def step_negatives(batch, tokenizer, per_scene, seed, step, first, rows):
+    """add_hard_negatives on the grounding rows (rows, (B,) bool) of a training micro-batch whose first
+    scene sits at place `first` of the global batch: each scene's draw is seeded by (seed, step, its
+    place), so any split over ranks and micro-steps draws the same negatives."""
+    seeds = [[seed, step, first + j] for j in range(len(rows))]
+    return add_hard_negatives(batch, tokenizer, per_scene, seeds, rows=rows)
+
+
 def add_hard_negatives(batch, tokenizer, per_scene, seeds, rows=None, swap="either"):
     """Fill up to per_scene free slots of each scene of a collated ShapeScenes batch with hard
     negative phrases: one of the scene's own phrases with its shape word (half the time its color

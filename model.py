@@ -796,7 +796,7 @@ def frozen_parameters(model):
 
 
 def djo_loss(model, raw_model, criterion, cycle_criterion, batch, task, t, noise, drop, t_cycle, t_recon,
-             ground_weight, cycle_weight, recon_weight, detach_boxes=True, idm_weight=None):
+             ground_weight, cycle_weight, recon_weight, detach_boxes=True, idm_weight=None, recon_min_conf=0.0):
     """Stage 1's loss plus DJO's two chains, all rows in ONE forward of `model` (DDP allows one
     forward per backward; raw_model is the same module unwrapped, for the calls outside it).
     - layout -> image -> layout: the generation samples again at low noise t_cycle; the one-step
@@ -804,17 +804,24 @@ def djo_loss(model, raw_model, criterion, cycle_criterion, batch, task, t, noise
       L1 + GIoU against the asked layout reach the generator through x0_hat alone;
     - image -> layout -> image: the grounding samples' real images are grounded, and the predicted
       boxes (detached unless detach_boxes is False) condition the flow loss on those same images at t_recon.
-    idm_weight: None for a model without IDM; else L_dis of the packed forward (over the instances of
-    all its generation rows, the reconstruction rows' predicted boxes included) joins the sum.
-    -> total, terms: the loss tensors "stage1", "cycle", "recon" (and "idm") and stage 1's parts (floats)."""
+      Only images whose every box the head trusts (confidence, its estimate of the box's IoU, >=
+      recon_min_conf) count: a wrong box would teach the generator to draw objects away from their boxes.
+    Hard negative phrases (batch["negative"], data.add_hard_negatives on the grounding rows) reach stage
+    1's grounding loss only. idm_weight: None for a model without IDM; else L_dis of the packed forward
+    (over the instances of all its generation rows, the reconstruction rows' predicted boxes included) joins the sum.
+    -> total, terms: the loss tensors "stage1", "cycle", "recon" (and "idm"), the share of trusted
+    reconstruction images "recon_trusted" and stage 1's parts (floats)."""
     x0, B = batch["images"], task.shape[0]
     gen, grd = task == 0, task == 1
     x_t, caption_ids, instance_mask = pmtp_inputs(batch, task, t, noise, drop)
     cycle_x_t = interpolate(x0[gen], noise[gen], t_cycle[gen])
+    # hard negative slots (grounding rows only) train the confidence of stage 1's grounding; the image ->
+    # layout -> image chain must not see them: a negative's box would ask the generator for an absent object
+    present = batch["instance_mask"] if "negative" not in batch else batch["instance_mask"] & ~batch["negative"]
     with torch.set_grad_enabled(torch.is_grad_enabled() and not detach_boxes):
-        grounded = raw_model.ground(x0[grd], batch["caption_ids"][grd], batch["phrase_ids"][grd],
-                                    batch["instance_mask"][grd])
+        grounded = raw_model.ground(x0[grd], batch["caption_ids"][grd], batch["phrase_ids"][grd], present[grd])
     predicted_boxes = detector.box_cxcywh_to_xyxy(grounded["boxes"][-1]).clamp(0, 1)
+    trusted = ((grounded["logits"][-1].detach().sigmoid() >= recon_min_conf) | ~present[grd]).all(1).float()  # (n_grd,)
     recon_x_t = interpolate(x0[grd], noise[grd], t_recon[grd])
 
     def rows(full, of_gen, of_grd):  # the packed batch: [stage 1 | cycle | reconstruction]
@@ -824,7 +831,7 @@ def djo_loss(model, raw_model, criterion, cycle_criterion, batch, task, t, noise
                              rows(caption_ids, batch["caption_ids"][gen], batch["caption_ids"][grd]),
                              rows(batch["phrase_ids"], batch["phrase_ids"][gen], batch["phrase_ids"][grd]),
                              rows(batch["boxes"], batch["boxes"][gen], predicted_boxes.to(batch["boxes"].dtype)),
-                             rows(instance_mask, batch["instance_mask"][gen], batch["instance_mask"][grd]),
+                             rows(instance_mask, batch["instance_mask"][gen], present[grd]),
                              rows(task, torch.zeros_like(task[gen]), torch.zeros_like(task[grd])),
                              **idm_request(idm_weight))
     n_gen = int(gen.sum())
@@ -836,8 +843,8 @@ def djo_loss(model, raw_model, criterion, cycle_criterion, batch, task, t, noise
                                            batch["instance_mask"][gen])
     cycle = cycle_criterion(cycle_grounding, batch["boxes"][gen], batch["phrase_ids"][gen],
                             batch["instance_mask"][gen])["loss"]
-    recon = flow_loss(v[B + n_gen:], x0[grd], noise[grd])
-    terms = {"stage1": stage1, "cycle": cycle, "recon": recon, **parts}
+    recon = flow_loss(v[B + n_gen:], x0[grd], noise[grd], row_weight=trusted)
+    terms = {"stage1": stage1, "cycle": cycle, "recon": recon, "recon_trusted": trusted.mean().item(), **parts}
     total = stage1 + cycle_weight * cycle + recon_weight * recon
     if idm_weight is not None:
         terms["idm"] = idm_loss[0]

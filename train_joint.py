@@ -71,11 +71,15 @@ ground_every = 4
 ground_weight = 0.1
 ground_clean = 0.5
 ground_t_max = 0.5
+ground_negatives = -1  # hard negative phrases per grounding sample, as in train_pretrain.py (-1 = 2 on ShapeScenes):
+#                        without them DJO unlearns what PMTP's head learned about absent shapes
 # the DJO chains
 cycle_weight = 0.1  # layout -> image -> layout (DETR L1 + GIoU, the scale of ground_weight's terms)
 cycle_t_max = 0.5  # x0_hat is grounded only for t ~ U[0, cycle_t_max]
 recon_weight = 1.0  # image -> layout -> image (a flow loss, the scale of stage 1's)
 detach_boxes = True  # the predicted boxes of image -> layout -> image carry no gradient
+recon_min_conf = 0.5  # image -> layout -> image trains on an image only if the head's confidence in each box (its
+#                      IoU estimate) reaches this; at 0 the head's wrong boxes cost 0.07-0.10 ISR (docs/djo.md)
 # IDM's disentangle constraint, for a model with IDM (the checkpoint's ModelConfig.idm; ignored without)
 idm_weight = 0.1
 # sampling for the validation figures
@@ -118,6 +122,7 @@ cycle_criterion = detector.GroundingCriterion(weights={"l1": 5.0, "giou": 2.0, "
 
 # data, tokenized with the checkpoint's tokenizer: rank 0 prepares the cache once; the others wait and read it
 config["dataset"] = dataset = dataset or saved["train"].get("dataset", "shapescenes")
+config["ground_negatives"] = ground_negatives = data.resolve_ground_negatives(ground_negatives, dataset, ground_every)
 cache, _, val_set = data.load_dataset_on_ranks(dist_ctx, dataset, res, max_instances, data_dir, cache_scenes, data_seed,
                                                val_scenes, tokenizer=tokenizer)
 judge_grounder = detector.load_grounder(judge, dev) if judge else None
@@ -150,13 +155,17 @@ def train_step(step):
     total_loss, parts = 0.0, {}
     for micro in range(grad_accum):
         part = slice(micro * batch_size, (micro + 1) * batch_size)
-        batch = {k: v.to(dev, non_blocking=True) for k, v in cache.batch(indices[part]).items()}
+        batch = cache.batch(indices[part])
+        if ground_negatives:
+            batch = data.step_negatives(batch, tokenizer, ground_negatives, seed, step, mine.start + part.start,
+                                        rows=draws[0][part] == 1)
+        batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
         if dist_ctx.ddp:  # gradients are all-reduced only on the last micro-step (nanoGPT)
             train_model.require_backward_grad_sync = micro == grad_accum - 1
         with runtime.autocast(dev):
             loss, terms = djo_loss(train_model, model, criterion, cycle_criterion, batch, *(x[part] for x in draws),
                                    ground_weight, cycle_weight, recon_weight, detach_boxes,
-                                   idm_weight if model_config.idm else None)
+                                   idm_weight if model_config.idm else None, recon_min_conf)
         (loss / grad_accum).backward()
         total_loss += loss.item() / grad_accum
         for k, v in terms.items():

@@ -122,13 +122,7 @@ if prediction not in ("v", "x0") or layout_map < 0 or pixel_head < 0:
 if ground_every and batch_size % ground_every:
     runtime.fail(f"batch_size {batch_size} must be a multiple of ground_every {ground_every}, "
                  "so that every micro-batch holds both tasks")
-if ground_negatives == -1:
-    config["ground_negatives"] = ground_negatives = 2 if dataset == "shapescenes" and ground_every else 0
-if ground_negatives < 0:
-    runtime.fail(f"ground_negatives must be >= 0, or -1 for 2 where they apply, got {ground_negatives}")
-if ground_negatives and (dataset != "shapescenes" or not ground_every):
-    runtime.fail(f"ground_negatives {ground_negatives}: hard negatives swap ShapeScenes' shape and color words "
-                 f"in grounding samples; they need dataset=shapescenes and ground_every > 0")
+config["ground_negatives"] = ground_negatives = data.resolve_ground_negatives(ground_negatives, dataset, ground_every)
 global_batch = batch_size * grad_accum * dist_ctx.world
 ckpt_path = os.path.join(out_dir, "ckpt")
 torch.manual_seed(seed)  # same initial weights on every rank
@@ -201,10 +195,9 @@ def train_step(step):
         part = slice(micro * batch_size, (micro + 1) * batch_size)
         tic = time.perf_counter()
         batch = cache.batch(indices[part])
-        if ground_negatives:  # grounding rows only; seeded by the step and each row's place in the global batch
-            first = mine.start + part.start
-            batch = data.add_hard_negatives(batch, tokenizer, ground_negatives,
-                                            [[seed, step, first + j] for j in range(batch_size)], rows=draws[0][part] == 1)
+        if ground_negatives:
+            batch = data.step_negatives(batch, tokenizer, ground_negatives, seed, step, mine.start + part.start,
+                                        rows=draws[0][part] == 1)
         batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
         data_seconds += time.perf_counter() - tic
         # gradients are all-reduced only on the last micro-step (nanoGPT)

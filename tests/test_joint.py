@@ -14,16 +14,25 @@ from test_model import TINY, perturb_zero_inits, random_batch
 from test_train import losses, run, train, weights
 
 
-def djo_terms(model, detach_boxes=True):
+def djo_terms(model, detach_boxes=True, negatives=False, recon_min_conf=0.0):
+    """djo_loss's terms on a fixed batch of 2 generation and 2 grounding rows; negatives: the third
+    slot of each grounding row holds a hard negative phrase (a copy of the first with another word)."""
     torch.manual_seed(0)
     batch = random_batch(B=4)
     batch["images"] = torch.rand(4, 3, 16, 16) * 2 - 1
+    if negatives:
+        negative = torch.zeros_like(batch["instance_mask"])
+        negative[[1, 3], 2] = True
+        batch["phrase_ids"][negative] = batch["phrase_ids"][[1, 3], 0] % 19 + 1
+        batch["instance_mask"] = batch["instance_mask"] | negative
+        batch["negative"] = negative
     task = torch.tensor([0, 1, 0, 1])
     t, t_cycle, t_recon = torch.tensor([0.7, 0.0, 0.4, 0.2]), torch.full((4,), 0.3), torch.full((4,), 0.5)
     noise, drop = torch.randn(4, 3, 16, 16), torch.zeros(4, dtype=torch.bool)
     _, terms = djo_loss(model, model, detector.GroundingCriterion(),
                         detector.GroundingCriterion(weights={"l1": 5.0, "giou": 2.0, "conf": 0.0}),
-                        batch, task, t, noise, drop, t_cycle, t_recon, 0.1, 0.1, 1.0, detach_boxes)
+                        batch, task, t, noise, drop, t_cycle, t_recon, 0.1, 0.1, 1.0, detach_boxes,
+                        recon_min_conf=recon_min_conf)
     return terms
 
 
@@ -47,6 +56,31 @@ def test_layout_image_layout_reaches_the_generator_through_x0_hat_only():
     assert norms["generator"] > 0
     assert norms["head"] == 0 and norms["queries"] == 0, norms
     assert all(p.requires_grad for p in model.parameters()), "frozen_parameters must restore requires_grad"
+
+
+def test_hard_negatives_reach_stage_1_grounding_only():
+    """A negative's box would ask the reconstruction rows to draw an absent object: both chains must
+    be computed as if the negative slots were not there, while stage 1's confidence loss sees them."""
+    model = perturb_zero_inits(EchoGen(TINY))
+    plain, with_negatives = djo_terms(model), djo_terms(model, negatives=True)
+    for chain in ("cycle", "recon"):
+        assert torch.equal(plain[chain], with_negatives[chain]), chain
+    assert with_negatives["ground_conf"] != plain["ground_conf"]
+
+
+def test_reconstruction_keeps_only_images_whose_boxes_the_head_trusts():
+    """recon_min_conf between the two grounding images' lowest box confidences keeps one of them."""
+    model = perturb_zero_inits(EchoGen(TINY))
+    torch.manual_seed(0)
+    batch = random_batch(B=4)
+    images = torch.rand(4, 3, 16, 16) * 2 - 1  # djo_terms' images: the same seed, the same draws
+    with torch.no_grad():
+        logits = model.ground(images[[1, 3]], batch["caption_ids"][[1, 3]], batch["phrase_ids"][[1, 3]],
+                              batch["instance_mask"][[1, 3]])["logits"][-1]
+    lowest = logits.sigmoid().masked_fill(~batch["instance_mask"][[1, 3]], 1.0).min(1).values  # (2,)
+    everything, one, nothing = (djo_terms(model, recon_min_conf=c) for c in (0.0, float(lowest.mean()), 1.01))
+    assert (everything["recon_trusted"], one["recon_trusted"], nothing["recon_trusted"]) == (1.0, 0.5, 0.0)
+    assert 0 < one["recon"] < everything["recon"] and nothing["recon"] == 0
 
 
 @pytest.mark.parametrize("detach_boxes", [True, False])
