@@ -3,7 +3,7 @@ The main job: EchoGen's three stages on one command, each model evaluated as soo
 one results table at the end.
 
     python pipeline.py                          # the main job: one chain on the CPU (R = 32) -> out/pipeline/
-    python pipeline.py --preset=ablations       # what each stage adds: the comparisons -> out/pipeline_ablations/
+    python pipeline.py --preset=ablations       # what each stage adds: the main job's stages and their controls
     python pipeline.py --preset=gpu --nproc=8   # R = 64 (config/gpu.py); the training stages under torchrun
     python pipeline.py --fresh                  # start over (by default finished stages are skipped)
 
@@ -14,12 +14,15 @@ script's own:
     gen_only      train_pretrain.py --ground_every=0   the generation-only baseline
     pmtp          train_pretrain.py                    stage 1, PMTP
     pmtp_idm      train_pretrain.py --idm=True         PMTP with IDM: with pmtp, the IDM on/off pair
+    pmtp_more     train_pretrain.py                    PMTP continued from pmtp with DJO's lr and seeds: DJO's control
     djo           train_joint.py                       stage 2, DJO, from pmtp
+    djo_more      train_joint.py                       DJO continued from djo at Cycle RL's lr: Cycle RL's control
     cycle_rl      train_cycle_rl.py --algo=grpo        stage 3, Cycle RL (GRPO), from djo
     cycle_rl_ppo  train_cycle_rl.py --algo=ppo         stage 3 with PPO and its critic, from djo, the same sampling budget
 The main job (tiny) is the chain judge, pmtp, djo, cycle_rl: most of its minutes go to PMTP, and it
-ends on the best model the project makes on a CPU. The ablations preset trains every stage, with
-gen_only, pmtp and pmtp_idm at the same step budget, so that their rows compare at equal training.
+ends on the best model the project makes on a CPU. The ablations preset holds the main job's stages
+(the same commands in the same out_dir: after the main job only the others train) and the stages
+that answer what each one adds, each control at the minutes of what it is compared with.
 After each model stage, eval.evaluate_checkpoint scores it on the fixed scene sets (in-distribution,
 held-out compositions, crowded, the attribute-leakage probe) with the checker, the model's own
 grounding head and the judge.
@@ -27,8 +30,9 @@ grounding head and the judge.
 What out_dir holds: {stage}/ (the script's out_dir: ckpt/, log.jsonl; Cycle RL's reward.png, the
 reward against updates above the checker's ISR), eval/{stage}/ (eval.py's table.md, results.json,
 grids/{set}.png: generated image with the asked boxes | true render | the model's own grounding of
-its image), and table.md + results.json: per scene set a table with a row per model, under a first
-row of the world's true renders (the ceiling of every column at this R).
+its image), and table.md + results.json (table_{preset}.md and results_{preset}.json for the other
+presets): per scene set a table with a row per model, under a first row of the world's true renders
+(the ceiling of every column at this R).
 
 Resuming: a stage whose checkpoint has reached its budget is skipped and one cut short resumes from
 its checkpoint; a stage whose command changed (a budget tuned in PRESETS) is trained again, and so is
@@ -54,6 +58,18 @@ import runtime
 # presets: the step budgets, evaluation settings and per-script arguments (on top of each script's own
 # defaults) of every stage; the stages' --out_dir, --max_steps, --lr_decay_steps, --init_from, --res,
 # --data_dir and --device are the pipeline's
+# the tiny config's per-script arguments, shared by the main job and its ablations
+TINY_ARGS = dict(
+    # the judge shares the generators' cache (R = 32, 20000 scenes, seed 0) and is evaluated once, at the
+    # end. feature_level=1 (stride 4): 8 x 8 feature tokens at R = 32, as level 2 gives at 64; after 200
+    # steps val Acc@0.5 0.76 against 0.66 with level 2's 4 x 4, at the same speed
+    judge=["--feature_level=1", "--cache_scenes=20000", "--warmup_steps=100", "--eval_interval=0",
+           "--ckpt_interval=200"],
+    # the scripts' own periodic figures are off: the pipeline evaluates every model once, on every set
+    pretrain=["--val_scenes=0", "--eval_interval=0", "--ckpt_interval=200"],
+    djo=["--val_scenes=0", "--eval_interval=0", "--ckpt_interval=100", "--warmup_steps=20"],
+    cycle_rl=["--val_scenes=64", "--eval_interval=10", "--ckpt_interval=10", "--eval_steps=10"],
+)
 PRESETS = {
     # the main job: CPU, R = 32, the scripts' tiny config, one chain; must finish within 30 minutes on 2 cores
     "tiny": dict(
@@ -61,38 +77,31 @@ PRESETS = {
         res=32,
         budgets=dict(judge=600, pmtp=2200, djo=200, cycle_rl=40),
         eval=dict(sets="val,heldout,crowded,leakage", n=64, steps=25, cfg=3.0),
-        args=dict(
-            # the judge shares the generators' cache (R = 32, 20000 scenes, seed 0) and is evaluated once, at the
-            # end. feature_level=1 (stride 4): 8 x 8 feature tokens at R = 32, as level 2 gives at 64; after 200
-            # steps val Acc@0.5 0.76 against 0.66 with level 2's 4 x 4, at the same speed
-            judge=["--feature_level=1", "--cache_scenes=20000", "--warmup_steps=100", "--eval_interval=0",
-                   "--ckpt_interval=200"],
-            # the scripts' own periodic figures are off: the pipeline evaluates every model once, on every set
-            pretrain=["--val_scenes=0", "--eval_interval=0", "--ckpt_interval=200"],
-            djo=["--val_scenes=0", "--eval_interval=0", "--ckpt_interval=100", "--warmup_steps=20"],
-            cycle_rl=["--val_scenes=64", "--eval_interval=10", "--ckpt_interval=10", "--eval_steps=10"],
-        ),
+        args=TINY_ARGS,
     ),
-    # what each stage adds, on the CPU: every stage, gen_only / pmtp / pmtp_idm at equal steps, GRPO and PPO
-    # from the same DJO checkpoint with the same sampling budget
+    # what each stage adds: the main job's stages (the same commands in the same out_dir, so that after
+    # `python pipeline.py` only the others train) and their controls at equal minutes on 2 CPU cores,
+    # from speeds measured alone there: in the main job PMTP 3.3 steps/s, DJO 1.38, a Cycle RL update 3.9 s;
+    # generation only 1.3 x PMTP's speed (2.6 against 2.0 steps/s, back to back an hour later):
+    #   gen_only   PMTP's 2200 steps' minutes of generation only
+    #   pmtp_idm   PMTP's 2200 steps with IDM (the IDM on/off pair is at equal steps)
+    #   pmtp_more  PMTP continued for DJO's 200 steps' minutes (480 steps)
+    #   djo_more   DJO continued for Cycle RL's 40 updates' minutes (215 steps)
+    #   cycle_rl_ppo  PPO from the same DJO checkpoint, with GRPO's sampling budget
     "ablations": dict(
-        out_dir="out/pipeline_ablations",
+        out_dir="out/pipeline",
         res=32,
-        budgets=dict(judge=600, gen_only=1200, pmtp=1200, pmtp_idm=1200, djo=200, cycle_rl=20, cycle_rl_ppo=20),
+        budgets=dict(judge=600, gen_only=2850, pmtp=2200, pmtp_idm=2200, pmtp_more=480, djo=200, djo_more=215,
+                     cycle_rl=40, cycle_rl_ppo=40),
         eval=dict(sets="val,heldout,crowded,leakage", n=64, steps=25, cfg=3.0),
-        args=dict(
-            judge=["--feature_level=1", "--cache_scenes=20000", "--warmup_steps=100", "--eval_interval=0",
-                   "--ckpt_interval=200"],
-            pretrain=["--val_scenes=0", "--eval_interval=0", "--ckpt_interval=200"],
-            djo=["--val_scenes=0", "--eval_interval=0", "--ckpt_interval=100", "--warmup_steps=20"],
-            cycle_rl=["--val_scenes=64", "--eval_interval=10", "--ckpt_interval=10", "--eval_steps=10"],
-        ),
+        args=TINY_ARGS,
     ),
     # seconds: the micro models of the tests, every stage, two steps each (tests/test_pipeline.py)
     "micro": dict(
         out_dir="out/pipeline_micro",
         res=32,
-        budgets=dict(judge=2, gen_only=2, pmtp=2, pmtp_idm=2, djo=2, cycle_rl=1, cycle_rl_ppo=1),
+        budgets=dict(judge=2, gen_only=2, pmtp=2, pmtp_idm=2, pmtp_more=2, djo=2, djo_more=2, cycle_rl=1,
+                     cycle_rl_ppo=1),
         eval=dict(sets="val,heldout,crowded,leakage", n=3, steps=2, cfg=3.0),
         args=dict(
             judge=["--dim=32", "--depth=1", "--heads=2", "--text_depth=1", "--batch_size=4", "--cache_scenes=64",
@@ -126,12 +135,17 @@ PRESETS = {
 # -----------------------------------------------------------------------------
 
 # name -> (script, the preset's argument list it takes, its own arguments, the stage whose checkpoint it starts from)
+CONTINUED = ["--lr=3e-4", "--min_lr=3e-5", "--warmup_steps=20", "--seed=2024", "--data_seed=1"]  # DJO's lr, warmup and seeds
 STAGES = {
     "judge": (["detector.py", "train"], "judge", [], None),
     "gen_only": (["train_pretrain.py"], "pretrain", ["--ground_every=0"], None),
     "pmtp": (["train_pretrain.py"], "pretrain", [], None),
     "pmtp_idm": (["train_pretrain.py"], "pretrain", ["--idm=True"], None),
+    # PMTP warm-started from its checkpoint with DJO's optimizer, schedule and seeds: DJO's control
+    "pmtp_more": (["train_pretrain.py"], "pretrain", CONTINUED, "pmtp"),
     "djo": (["train_joint.py"], "djo", [], "pmtp"),
+    # DJO warm-started from its checkpoint at Cycle RL's lr: Cycle RL's control
+    "djo_more": (["train_joint.py"], "djo", ["--lr=1e-4", "--min_lr=1e-5", "--seed=2025", "--data_seed=2"], "djo"),
     "cycle_rl": (["train_cycle_rl.py"], "cycle_rl", ["--algo=grpo"], "djo"),
     "cycle_rl_ppo": (["train_cycle_rl.py"], "cycle_rl", ["--algo=ppo"], "djo"),
 }
@@ -139,13 +153,24 @@ ROWS = {  # the rows of the results table, in its order (those of the preset's s
     "gen_only": "generation only (baseline)",
     "pmtp": "PMTP",
     "pmtp_idm": "PMTP + IDM",
+    "pmtp_more": "PMTP continued (DJO's minutes)",
     "djo": "PMTP + DJO",
+    "djo_more": "PMTP + DJO continued (Cycle RL's minutes)",
     "cycle_rl": "PMTP + DJO + Cycle RL (GRPO)",
     "cycle_rl_ppo": "PMTP + DJO + Cycle RL (PPO)",
 }
 TRUE_RENDERS = "true renders (the ceiling)"
 ROOT = os.path.dirname(os.path.abspath(__file__))
-WRITTEN = [*STAGES, "eval", "table.md", "results.json", "timings.json"]  # what --fresh deletes in out_dir
+
+
+def table_files(preset_name):
+    """The combined table and its JSON in out_dir: tiny's table.md and results.json, the other presets'
+    table_{preset}.md and results_{preset}.json (ablations shares the main job's out_dir)."""
+    suffix = "" if preset_name == "tiny" else f"_{preset_name}"
+    return f"table{suffix}.md", f"results{suffix}.json"
+
+
+WRITTEN = [*STAGES, "eval", "timings.json", *(f for name in PRESETS for f in table_files(name))]  # what --fresh deletes
 
 
 def model_stages(preset):
@@ -327,11 +352,12 @@ def main():
     table = results_table(args.preset, preset, rows, {k: timings[k] for k in stages if k in timings}, command)
     results = {"preset": args.preset, "res": preset["res"], "budgets": preset["budgets"], "eval": preset["eval"],
                "seconds": timings, "rows": rows}
-    evaluation.write_text(os.path.join(args.out_dir, "table.md"), table)
-    evaluation.write_text(os.path.join(args.out_dir, "results.json"), json.dumps(results, indent=1) + "\n")
+    table_path, results_path = (os.path.join(args.out_dir, f) for f in table_files(args.preset))
+    evaluation.write_text(table_path, table)
+    evaluation.write_text(results_path, json.dumps(results, indent=1) + "\n")
     print("\n" + table)
     print(f"done in {minutes(time.perf_counter() - start)} (this run; trained: {', '.join(retrained) or 'nothing'})")
-    print(f"table: {os.path.join(args.out_dir, 'table.md')} (figures: {os.path.join(args.out_dir, 'results.json')})")
+    print(f"table: {table_path} (figures: {results_path})")
     print(f"grids: {os.path.join(args.out_dir, 'eval', '{stage}', 'grids', '{set}.png')} "
           f"(generated image with the asked boxes | true render | the model's own grounding of its image)")
 

@@ -111,13 +111,19 @@ def test_the_pipeline_runs_every_stage_and_ends_with_the_table(main_job):
     # the models start where they should: DJO from PMTP, Cycle RL from DJO, IDM only in its arm
     saved = {name: json.loads((out / name / "ckpt" / "config.json").read_text()) for name in pipeline.STAGES}
     assert saved["djo"]["train"]["init_from"] == str(out / "pmtp" / "ckpt")
+    assert saved["pmtp_more"]["train"]["init_from"] == str(out / "pmtp" / "ckpt")
+    assert saved["djo_more"]["train"]["init_from"] == str(out / "djo" / "ckpt")
+    # a control continues its stage with the next stage's optimizer: DJO's lr for PMTP, Cycle RL's for DJO
+    assert saved["pmtp_more"]["train"]["lr"] == saved["djo"]["train"]["lr"]
+    assert saved["djo_more"]["train"]["lr"] == saved["cycle_rl"]["train"]["lr"]
     assert saved["cycle_rl"]["train"]["init_from"] == str(out / "djo" / "ckpt")
     assert saved["cycle_rl_ppo"]["train"]["init_from"] == str(out / "djo" / "ckpt")
     assert saved["cycle_rl"]["train"]["algo"] == "grpo" and saved["cycle_rl_ppo"]["train"]["algo"] == "ppo"
-    assert [saved[name]["model"]["idm"] for name in pipeline.ROWS] == [False, False, True, False, False, False]
+    assert [saved[name]["model"]["idm"] for name in pipeline.ROWS] == [name == "pmtp_idm" for name in pipeline.ROWS]
     assert not saved["gen_only"]["model"]["grounding"] and saved["pmtp"]["model"]["grounding"]
 
-    results = json.loads((out / "results.json").read_text())
+    table_file, results_file = pipeline.table_files("micro")
+    results = json.loads((out / results_file).read_text())
     labels = [pipeline.TRUE_RENDERS, *pipeline.ROWS.values()]
     assert list(results["rows"]) == labels
     for label, sets in results["rows"].items():
@@ -125,21 +131,22 @@ def test_the_pipeline_runs_every_stage_and_ends_with_the_table(main_job):
         has_head = label not in (pipeline.TRUE_RENDERS, pipeline.ROWS["gen_only"])
         assert all(("grounding" in sets[kind]) == has_head for kind in SETS), label
     assert all(results["rows"][pipeline.TRUE_RENDERS][kind]["color_acc"] == 1.0 for kind in SETS)
-    table = (out / "table.md").read_text()
+    table = (out / table_file).read_text()
     assert table.count("| model |") == len(SETS)
     assert all(table.count(f"| {label} |") == len(SETS) for label in labels)
     for name in pipeline.ROWS:
         assert all((out / "eval" / name / "grids" / f"{kind}.png").exists() for kind in SETS)
-    assert result.stdout.rstrip().splitlines()[-2] == f"table: {out / 'table.md'} (figures: {out / 'results.json'})"
+    assert result.stdout.rstrip().splitlines()[-2] == f"table: {out / table_file} (figures: {out / results_file})"
     assert result.stdout.rstrip().splitlines()[-1].startswith(f"grids: {out / 'eval'}")
 
 
 def test_a_second_run_skips_what_is_finished(main_job):
     out, _ = main_job
-    table, results = (out / "table.md").read_text(), (out / "results.json").read_text()
+    files = [out / f for f in pipeline.table_files("micro")]
+    before = [f.read_text() for f in files]
     again = run(["pipeline.py", "--preset=micro", f"--out_dir={out}", f"--data_dir={out.parent / 'data'}"])
     for name in pipeline.STAGES:
         assert f"{name}: finished earlier (step {pipeline.PRESETS['micro']['budgets'][name]} of" in again.stdout
     assert all(f"eval {name}: done earlier, skipped" in again.stdout for name in pipeline.ROWS)
     assert "trained: nothing" in again.stdout and "100%" not in again.stderr
-    assert (out / "table.md").read_text() == table and (out / "results.json").read_text() == results
+    assert [f.read_text() for f in files] == before
