@@ -38,6 +38,7 @@ text_depth = 2
 max_instances = 8
 ground_every = 4  # PMTP as in train_pretrain.py; 0 = the generation-only step
 ground_depth = 2
+ground_candidates = 1
 idm = False  # IDM in every block, L_dis in the loss (model.IDM)
 box_attn_bias = 2.0  # the spatial prior of layout conditioning (model.box_attention_bias)
 layout_map = 32  # channels of the per-pixel layout map (model.LayoutMap); 0 = none
@@ -93,7 +94,8 @@ def main():
     config = ModelConfig(res=res, patch=patch, dim=dim, depth=depth, heads=heads, text_depth=text_depth,
                          vocab_size=tokenizer.get_vocab_size(), max_instances=max_instances,
                          max_caption_len=data.MAX_CAPTION_LEN, max_phrase_len=data.MAX_PHRASE_LEN,
-                         grounding=ground_every > 0, ground_depth=ground_depth, idm=idm,
+                         grounding=ground_every > 0, ground_depth=ground_depth,
+                         ground_candidates=ground_candidates, idm=idm,
                          box_attn_bias=box_attn_bias, layout_map=layout_map,
                          pixel_head=pixel_head, prediction=prediction)
     model = EchoGen(config).to(dev)

@@ -126,9 +126,7 @@ def main():
     max_steps = every * args.points  # the last evaluation is the final one
     print(f"curve: {speed:.2f} steps/s measured, so {max_steps} steps for {args.minutes:g} minutes", flush=True)
     run_dir = os.path.join(args.out_dir, "run")
-    log_path = os.path.join(run_dir, "log.jsonl")
-    if os.path.exists(log_path):
-        os.remove(log_path)  # a fresh curve, not the continuation of an old one
+    log_path = os.path.join(run_dir, "log.jsonl")  # a run from scratch starts its log afresh
     train([*train_args, f"--max_steps={max_steps}", f"--lr_decay_steps={max_steps}", f"--eval_interval={every}",
            f"--ckpt_interval={every}", "--init_from=scratch"], run_dir)
     table = curve_table(read_log(log_path))

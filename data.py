@@ -17,7 +17,6 @@ From the command line (bad input prints "error: <message>" on stderr and exits 2
     python data.py prepare --res 64 --dataset coco:INSTANCES.json:IMAGE_DIR:CAPTIONS.json  # a real data set's
 """
 
-import argparse
 import hashlib
 import json
 import math
@@ -341,18 +340,7 @@ _check_token_budgets()
 # -----------------------------------------------------------------------------
 # layout files (WORLD.md, "Layout files")
 
-
-def _write_atomically(path, write):
-    """Write through write(file) into a temporary file, then rename: readers never see half a file.
-    The pid in its name keeps DDP ranks that write the same path from sharing one temporary file."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+MAX_ID_BYTES = 100  # a scene id names its image file {id}.png
 
 
 def write_layouts(path, scenes):
@@ -361,7 +349,12 @@ def write_layouts(path, scenes):
         instances = [{k: inst[k] for k in ("phrase", "box", "score") if k in inst} for inst in scene["instances"]]
         lines.append(json.dumps({"id": scene.get("id", f"s{i}"), "caption": scene["caption"], "instances": instances}))
     text = '{"scenes": [\n' + ",\n".join(lines) + "\n]}\n"  # one scene per line: diffable and greppable
-    _write_atomically(path, lambda f: f.write(text.encode()))
+    runtime.write_atomically(path, lambda f: f.write(text.encode()))
+
+
+def _finite(v):
+    """JSON's NaN and Infinity parse as floats; an int of any size is finite (math.isfinite would overflow)."""
+    return isinstance(v, int) or math.isfinite(v)
 
 
 def _read_box(box, where):
@@ -369,6 +362,8 @@ def _read_box(box, where):
             all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box)):
         raise LayoutError(f"{where}: not 4 numbers ({json.dumps(box)})")
     for v in box:
+        if not _finite(v):
+            raise LayoutError(f"{where}: not a finite number ({v}) in {json.dumps(box)}")
         if not 0 <= v <= 1:
             raise LayoutError(f"{where}: coordinate outside [0, 1] ({v})")
     for name, lo, hi in (("x", box[0], box[2]), ("y", box[1], box[3])):
@@ -388,7 +383,7 @@ def _read_instance(inst, tokenizer, where):
     out = {"phrase": phrase, "box": _read_box(inst.get("box"), f"{where}.box"), "color": color, "shape": shape}
     if "score" in inst:
         score = inst["score"]
-        if not (isinstance(score, (int, float)) and 0 <= score <= 1):
+        if not (isinstance(score, (int, float)) and not isinstance(score, bool) and 0 <= score <= 1):
             raise LayoutError(f"{where}.score: not a number in [0, 1] ({json.dumps(score)})")
         out["score"] = float(score)
     return out
@@ -399,7 +394,11 @@ def _read_scene(i, scene, tokenizer, max_instances):
         raise LayoutError(f"scenes[{i}]: not an object ({json.dumps(scene)[:60]})")
     scene_id = scene.get("id")
     if not isinstance(scene_id, str) or not re.fullmatch(r"[\w.-]+", scene_id) or scene_id in (".", ".."):
-        raise LayoutError(f"scenes[{i}]: id: not a plain file name ({json.dumps(scene_id)})")
+        raise LayoutError(f"scenes[{i}]: id: not a plain file name of letters, digits, '_', '.' and '-' "
+                          f"({json.dumps(scene_id)[:60]})")
+    if len(scene_id.encode()) > MAX_ID_BYTES:  # it names the file {id}.png: file systems allow 255 bytes
+        raise LayoutError(f"scenes[{i}]: id: {len(scene_id.encode())} bytes in UTF-8, more than {MAX_ID_BYTES} "
+                          f"({json.dumps(scene_id[:40])} ...)")
     where = f"scene {scene_id}"
     instances = scene.get("instances")
     if not isinstance(instances, list) or not instances:
@@ -417,22 +416,26 @@ def _read_scene(i, scene, tokenizer, max_instances):
 def read_layouts(path, tokenizer, max_instances):
     """The scenes of a layout file, every field validated before anything is returned."""
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             text = f.read()
     except OSError as e:
         raise LayoutError(f"{path}: cannot read the layout file ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise LayoutError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     try:
         document = json.loads(text)
     except json.JSONDecodeError as e:
         raise LayoutError(f"{path}: malformed JSON at line {e.lineno} col {e.colno}: {e.msg}") from None
     if not isinstance(document, dict) or not isinstance(document.get("scenes"), list):
         raise LayoutError(f"{path}: scenes: missing, a layout file is {{\"scenes\": [...]}}")
+    if not document["scenes"]:
+        raise LayoutError(f"{path}: scenes: empty, a layout file holds at least one scene")
     scenes, seen = [], set()
     for i, raw in enumerate(document["scenes"]):
         scene = _read_scene(i, raw, tokenizer, max_instances)
-        if scene["id"] in seen:
-            raise LayoutError(f"scene {scene['id']}: id: duplicate ({scene['id']!r})")
-        seen.add(scene["id"])
+        if scene["id"].lower() in seen:  # ids that differ in case only name one file where case is ignored
+            raise LayoutError(f"scene {scene['id']}: id: duplicate ({scene['id']!r}, ids are compared ignoring case)")
+        seen.add(scene["id"].lower())
         scenes.append(scene)
     return scenes
 
@@ -497,6 +500,28 @@ def step_negatives(batch, tokenizer, per_scene, seed, step, first, rows):
     place), so any split over ranks and micro-steps draws the same negatives."""
     seeds = [[seed, step, first + j] for j in range(len(rows))]
     return add_hard_negatives(batch, tokenizer, per_scene, seeds, rows=rows)
+
+
+def confusable_scenes(phrase_ids, instance_mask):
+    """phrase_ids (S, N, Lp), instance_mask (S, N) of a cache -> the indices of its scenes in which two
+    instances share their phrase's first word and differ in the rest (ShapeScenes: two objects of one
+    color, two shapes). There the color alone cannot tell the objects apart: a grounder must see shapes."""
+    first = phrase_ids[:, :, 0]
+    same_first = first[:, :, None] == first[:, None, :]  # (S, N, N)
+    differ = (phrase_ids[:, :, None, :] != phrase_ids[:, None, :, :]).any(-1)
+    both = instance_mask[:, :, None] & instance_mask[:, None, :]
+    return np.flatnonzero((same_first & differ & both).any(axis=(1, 2)))
+
+
+def draw_confusable(indices, rows, pool, share, seed, step):
+    """The global batch's cache indices (G,) with a share of its grounding rows (rows (G,) bool) replaced
+    by scenes drawn from pool (confusable_scenes), from (seed, step) alone, so that a resumed run and
+    N ranks draw the same."""
+    rng = np.random.default_rng([seed, step, 1])
+    swap = rows & (rng.random(len(indices)) < share)
+    indices = indices.copy()
+    indices[swap] = pool[rng.integers(len(pool), size=int(swap.sum()))]
+    return indices
 
 
 def add_hard_negatives(batch, tokenizer, per_scene, seeds, rows=None, swap="either"):
@@ -583,7 +608,7 @@ def prepare_cache(path, n, res, seed, n_objects=(1, 4), max_instances=8, workers
     images = np.concatenate([chunk_images for _, chunk_images in chunks])
     arrays = _tokenize_scenes(scenes, build_tokenizer(), max_instances)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    _write_atomically(path, lambda f: np.savez(f, images=images, res=res, seed=seed, **arrays))
+    runtime.write_atomically(path, lambda f: np.savez(f, images=images, res=res, seed=seed, **arrays))
 
 
 class SceneCache:
@@ -666,8 +691,9 @@ def parse_dataset_spec(spec):
     for key in ("min_area", "min_side", "min_visible"):
         if not 0 <= options[key] <= 1:
             raise LayoutError(f"dataset {spec!r}: {key} must lie in [0, 1], got {options[key]}")
-    if options["vocab"] < 16 or options["limit"] < 0:
-        raise LayoutError(f"dataset {spec!r}: vocab must be >= 16 and limit >= 0")
+    if options["vocab"] < 16 or options["limit"] < 0 or options["val"] < -1:
+        raise LayoutError(f"dataset {spec!r}: vocab must be >= 16, limit >= 0 and val >= 0 or -1 (auto), got "
+                          f"{options['vocab']}, {options['limit']} and {options['val']}")
     return {"instances": paths[0], "images": paths[1], "captions": paths[2] if len(paths) == 3 else None,
             "options": options}
 
@@ -707,7 +733,8 @@ def _attributes(annotation, where):
     value = [value] if isinstance(value, str) else value
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise LayoutError(f"{where}.attributes: not a string or a list of strings ({json.dumps(value)[:60]})")
-    return [" ".join(v.replace("_", " ").split()) for v in value if v.strip()]
+    words = [" ".join(v.replace("_", " ").split()) for v in value]
+    return [w for w in words if w]  # "" and "_" add nothing to the phrase
 
 
 def fit_window(width, height, fit):
@@ -741,8 +768,12 @@ def read_coco(source, max_instances):
     categories = {}
     for i, category in enumerate(document["categories"]):
         where = f"{path}: categories[{i}]"
-        name = " ".join(_field(category, "name", str, where).replace("_", " ").split())  # LVIS: "teddy_bear"
-        categories[_field(category, "id", int, where)] = name
+        raw = _field(category, "name", str, where)
+        name = " ".join(raw.replace("_", " ").split())  # LVIS: "teddy_bear"
+        category_id = _field(category, "id", int, where)
+        if not _text_words(name):  # its phrase would hold no token, and its fallback caption no object
+            raise LayoutError(f"{where}.name: category id {category_id} has a name without a word ({json.dumps(raw)})")
+        categories[category_id] = name
     images = {}
     for i, image in enumerate(document["images"]):
         where = f"{path}: images[{i}]"
@@ -762,6 +793,10 @@ def read_coco(source, max_instances):
         bbox = _field(annotation, "bbox", list, where)
         if len(bbox) != 4 or not all(isinstance(v, NUMBER) and not isinstance(v, bool) for v in bbox):
             raise LayoutError(f"{where}.bbox: not 4 numbers [x, y, w, h] ({json.dumps(bbox)[:60]})")
+        if not all(_finite(v) for v in bbox):
+            raise LayoutError(f"{where}.bbox: not 4 finite numbers [x, y, w, h] ({json.dumps(bbox)[:60]})")
+        if annotation.get("iscrowd", 0) not in (0, 1):
+            raise LayoutError(f"{where}.iscrowd: not 0 or 1 ({json.dumps(annotation['iscrowd'])[:60]})")
         if image_id not in images:
             raise LayoutError(f"{where}.image_id: no image has id {image_id}")
         if category_id not in categories:
@@ -890,9 +925,10 @@ def _json_bytes(value):
     return np.frombuffer(json.dumps(value).encode(), np.uint8)  # UTF-8 bytes: a numpy str would take 4 bytes a character
 
 
-def prepare_coco(source, res, max_instances, path):
-    """Read, filter and split the annotations, read and fit the images, and write one .npz: the training
-    images and scenes, and the held-out ones (a seeded choice of the images, the same for every R)."""
+def prepare_coco(source, res, max_instances):
+    """Read, filter and split the annotations, read and fit the images -> the arrays of the cache file
+    (load_coco writes them once their text has passed the tokenizer): the training images and scenes,
+    and the held-out ones (a seeded choice of the images, the same for every R)."""
     options = source["options"]
     scenes, counts = read_coco(source, max_instances)
     if options["limit"]:
@@ -910,14 +946,13 @@ def prepare_coco(source, res, max_instances, path):
         raise LayoutError(f"{source['images']}: no image of the training scenes could be read ({skipped[0]})")
     arrays = {"images": images, "val_images": val_images, "res": res, "seed": 0,
               **{key: _json_bytes(value) for key, value in (("scenes", train), ("val_scenes", val), ("counts", counts))}}
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    _write_atomically(path, lambda f: np.savez(f, **arrays))
     kept = sum(len(s["instances"]) for s in train + val)
     print(f"{source['instances']}: {counts['images']} images -> {len(train)} train + {len(val)} held out "
           f"({counts['no_boxes']} without a box left, {len(skipped)} missing or unreadable"
           f"{': ' + skipped[0] if skipped else ''}); {counts['boxes']} boxes -> {kept} kept ({counts['crowd']} crowd, "
           f"{counts['tiny']} tiny, {counts['cropped']} cropped away, {counts['capped']} over max_instances "
           f"{max_instances} dropped)")
+    return arrays
 
 
 def train_tokenizer(texts, vocab_size):
@@ -934,17 +969,12 @@ def train_tokenizer(texts, vocab_size):
     return tokenizer
 
 
-def load_or_train_tokenizer(path, scenes, vocab_size):
-    """The tokenizer cached at path, or one trained on the scenes' captions and phrases and cached there."""
-    if os.path.exists(path):
-        return Tokenizer.from_file(path)
+def tokenizer_texts(scenes):
+    """What a data set's tokenizer is trained on: its captions, its phrases, and its fallback captions
+    (for their glue words)."""
     texts = [caption for scene in scenes for caption in scene["captions"]]
     texts += sorted({inst["phrase"] for scene in scenes for inst in scene["instances"]})
-    texts += [phrase_caption(scene["instances"]) for scene in scenes]  # the fallback captions' glue words
-    tokenizer = train_tokenizer(texts, vocab_size)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    _write_atomically(path, lambda f: f.write(tokenizer.to_str().encode()))
-    return tokenizer
+    return texts + [phrase_caption(scene["instances"]) for scene in scenes]
 
 
 def phrase_caption(instances):
@@ -980,22 +1010,33 @@ class RealCache(SceneCache):
 
 def load_coco(source, res, max_instances, data_dir="data", val_scenes=64, tokenizer=None):
     """(RealCache, tokenizer, the first val_scenes held-out scenes, each with its "image"), from the
-    cache files when present. tokenizer: a checkpoint's; None trains one (or reads the cached one)."""
+    cache files when present. tokenizer: a checkpoint's; None trains one (or reads the cached one).
+    A new cache file or tokenizer is written only after every scene's text has encoded: one made of
+    data that then fails would make every rerun fail the same way."""
     stem = coco_cache_stem(source, max_instances, data_dir)
-    path = f"{stem}_r{res}.npz"
-    if not os.path.exists(path):
+    path, tokenizer_path = f"{stem}_r{res}.npz", f"{stem}_v{source['options']['vocab']}_tokenizer.json"
+    if os.path.exists(path):
+        with np.load(path) as f:
+            arrays = {key: f[key] for key in f.files}
+    else:
         print(f"preparing {path} (images at {res}x{res}, fit {source['options']['fit']})")
-        prepare_coco(source, res, max_instances, path)
-    with np.load(path) as f:
-        images, val_images = f["images"], f["val_images"]
-        scenes, val = json.loads(f["scenes"].tobytes()), json.loads(f["val_scenes"].tobytes())
-    if tokenizer is None:
-        tokenizer = load_or_train_tokenizer(f"{stem}_v{source['options']['vocab']}_tokenizer.json", scenes + val,
-                                            source["options"]["vocab"])
+        arrays = prepare_coco(source, res, max_instances)
+    scenes, val = (json.loads(arrays[key].tobytes()) for key in ("scenes", "val_scenes"))
+    new_tokenizer = tokenizer is None and not os.path.exists(tokenizer_path)
+    if new_tokenizer:
+        tokenizer = train_tokenizer(tokenizer_texts(scenes + val), source["options"]["vocab"])
+    elif tokenizer is None:
+        tokenizer = Tokenizer.from_file(tokenizer_path)
     for scene in scenes + val:
         scene["caption"] = pick_caption(scene, tokenizer)
-    cache = RealCache(images, _tokenize_scenes(scenes, tokenizer, max_instances), res, scenes)
-    val = [{**scene, "image": image} for scene, image in zip(val[:val_scenes], val_images)]
+    cache = RealCache(arrays["images"], _tokenize_scenes(scenes, tokenizer, max_instances), res, scenes)
+    _tokenize_scenes(val, tokenizer, max_instances)  # the held-out scenes too: every evaluation collates them
+    os.makedirs(data_dir, exist_ok=True)
+    if not os.path.exists(path):
+        runtime.write_atomically(path, lambda f: np.savez(f, **arrays))
+    if new_tokenizer:
+        runtime.write_atomically(tokenizer_path, lambda f: f.write(tokenizer.to_str().encode()))
+    val = [{**scene, "image": image} for scene, image in zip(val[:val_scenes], arrays["val_images"])]
     return cache, tokenizer, val
 
 
@@ -1152,7 +1193,7 @@ def draw_boxes(image, scene, scale=4):
 
 
 def save_png(path, image):
-    _write_atomically(path, lambda f: Image.fromarray(image).save(f, format="PNG"))
+    runtime.write_atomically(path, lambda f: Image.fromarray(image).save(f, format="PNG"))
 
 
 def save_grid(path, rows, pad=2):
@@ -1175,6 +1216,7 @@ def cmd_sample(args):
 
 
 def cmd_render(args):
+    runtime.check_output_folder("--out", args.out)
     scenes = read_layouts(args.layouts, build_tokenizer(), MAX_OBJECTS)
     images = [render_scene(s, args.res) for s in scenes]  # all of them first: nothing written on error
     os.makedirs(args.out, exist_ok=True)
@@ -1187,9 +1229,13 @@ def cmd_check(args):
     images = []
     for scene in scenes:
         path = os.path.join(args.images, f"{scene['id']}.png")
-        if not os.path.exists(path):
+        if not os.path.isfile(path):
             raise LayoutError(f"scene {scene['id']}: image: missing file ({path})")
-        image = np.asarray(Image.open(path).convert("RGB"))
+        try:
+            with Image.open(path) as picture:
+                image = np.asarray(picture.convert("RGB"))
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # PIL's ways to refuse a file
+            raise LayoutError(f"scene {scene['id']}: image: cannot read {path} ({runtime.one_line(e)})") from None
         if image.shape[0] != image.shape[1]:
             raise LayoutError(f"scene {scene['id']}: image: not square ({path}, {image.shape[1]}x{image.shape[0]})")
         images.append(image)
@@ -1208,38 +1254,28 @@ def cmd_prepare(args):
     print(f"wrote {path} in {time.time() - t0:.1f} s")
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, like every other input error (subcommand parsers inherit it)
-        runtime.fail(message)
-
-
-def positive_int(text):
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"not a positive integer: {text!r}")
-    return int(text)
-
-
 def main(argv=None):
-    parser = Parser(description="ShapeScenes: sample, render, check, prepare.")
+    parser = runtime.ArgumentParser(description="ShapeScenes: sample, render, check, prepare.")
     commands = parser.add_subparsers(dest="command", required=True)
     sample = commands.add_parser("sample", help="write a seeded layout file")
     sample.add_argument("--kind", choices=list(SCENE_SETS), default="val")
-    sample.add_argument("--n", type=positive_int, default=64)
-    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--n", type=runtime.positive_int, default=64)
+    sample.add_argument("--seed", type=runtime.non_negative_int, default=0)
     sample.add_argument("--out", required=True)
     render = commands.add_parser("render", help="true renders {id}.png of a layout file")
     render.add_argument("--layouts", required=True)
     render.add_argument("--out", required=True)
-    render.add_argument("--res", type=positive_int, default=64)
+    render.add_argument("--res", type=runtime.positive_int, default=64)
     check = commands.add_parser("check", help="score images {id}.png against their layouts")
     check.add_argument("--layouts", required=True)
     check.add_argument("--images", required=True)
     prepare = commands.add_parser("prepare", help="build the pre-rendered training cache")
-    prepare.add_argument("--res", type=positive_int, default=32)
-    prepare.add_argument("--n", type=positive_int, default=20000)
-    prepare.add_argument("--seed", type=int, default=0)
+    prepare.add_argument("--res", type=runtime.positive_int, default=32)
+    prepare.add_argument("--n", type=runtime.positive_int, default=20000)
+    prepare.add_argument("--seed", type=runtime.non_negative_int, default=0)
     prepare.add_argument("--dataset", default="shapescenes", help=DATASET_HELP)
-    prepare.add_argument("--max_instances", type=positive_int, default=MAX_OBJECTS, help="real data: the model's")
+    prepare.add_argument("--max_instances", type=runtime.positive_int, default=MAX_OBJECTS,
+                         help="real data: the model's")
     prepare.add_argument("--data_dir", default="data", help="real data: where its cache goes")
     args = parser.parse_args(argv)
     try:

@@ -45,7 +45,7 @@ import copy
 import os
 import sys
 import time
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from types import SimpleNamespace
 
 import numpy as np
@@ -55,7 +55,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 from scipy.optimize import linear_sum_assignment
-from tokenizers import Tokenizer
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
@@ -128,11 +127,11 @@ def phrase_groups(phrase_ids, slot_mask):
 class HungarianMatcher(nn.Module):
     """DETR's matcher, with the assignment restricted to slots of one phrase: within an image the
     predictions of a phrase group's slots are matched one-to-one to that group's target boxes,
-    minimizing cost = 5 L1 + 2 (-GIoU) - 1 sigmoid(logit) on (cx, cy, w, h). Slots without a group
-    (padding, negatives) are not matched. A group has as many slots as targets, so the confidence
-    term, a function of the prediction alone, adds the same sum to every assignment: it only
-    decides anything when a caller gives a group more predictions than targets (kept for parity
-    with DETR's cost and for that use)."""
+    minimizing cost = 5 L1 + 2 (-GIoU) - 1 sigmoid(logit) on (cx, cy, w, h). A slot may hold K
+    candidate boxes (GroundingHead's `candidates`): its cost for a target is that of its cheapest
+    candidate, and that candidate is the one matched, so the confidence term decides between a
+    slot's candidates as the head's argmax does at inference. Slots without a group (padding,
+    negatives) are not matched."""
 
     def __init__(self, cost_l1=5.0, cost_giou=2.0, cost_conf=1.0):
         super().__init__()
@@ -140,15 +139,18 @@ class HungarianMatcher(nn.Module):
 
     @torch.no_grad()
     def forward(self, pred_boxes, pred_logits, target_boxes, groups):
-        """pred_boxes (B, N, 4) cxcywh, pred_logits (B, N), target_boxes (B, N, 4) cxcywh, groups (B, N)
-        from phrase_groups -> a list of B (pred_slots, target_slots) int64 pairs, ordered by pred slot."""
-        pred_boxes, target_boxes = pred_boxes.float(), target_boxes.float()
-        cost = (self.cost_l1 * torch.cdist(pred_boxes, target_boxes, p=1)  # (B, N, N)
+        """pred_boxes (B, N, K, 4) cxcywh, pred_logits (B, N, K), target_boxes (B, N, 4) cxcywh, groups
+        (B, N) from phrase_groups -> a list of B (pred_slots, candidates, target_slots) int64 triples,
+        ordered by pred slot."""
+        B, N, K, _ = pred_boxes.shape
+        pred_boxes, target_boxes = pred_boxes.float().flatten(1, 2), target_boxes.float()  # (B, N*K, 4)
+        cost = (self.cost_l1 * torch.cdist(pred_boxes, target_boxes, p=1)  # (B, N*K, N)
                 - self.cost_giou * generalized_box_iou(box_cxcywh_to_xyxy(pred_boxes), box_cxcywh_to_xyxy(target_boxes))
-                - self.cost_conf * pred_logits.float().sigmoid()[:, :, None])
-        cost, groups = cost.cpu().numpy(), groups.cpu().numpy()
+                - self.cost_conf * pred_logits.float().flatten(1).sigmoid()[:, :, None])
+        cost, best = cost.view(B, N, K, N).min(dim=2)  # (B, N, N) per slot: its cheapest candidate's cost, and which
+        cost, best, groups = cost.cpu().numpy(), best.cpu().numpy(), groups.cpu().numpy()
         indices = []
-        for b in range(len(groups)):
+        for b in range(B):
             slots = np.flatnonzero(groups[b] >= 0)
             target_slots = slots.copy()
             for group in np.unique(groups[b][slots]):
@@ -156,7 +158,8 @@ class HungarianMatcher(nn.Module):
                 if len(members) > 1:  # a repeated phrase: these slots may trade their targets
                     rows, cols = linear_sum_assignment(cost[b][np.ix_(members, members)])
                     target_slots[np.searchsorted(slots, members[rows])] = members[cols]
-            indices.append((torch.from_numpy(slots).long(), torch.from_numpy(target_slots).long()))
+            candidates = best[b][slots, target_slots]
+            indices.append(tuple(torch.from_numpy(a).long() for a in (slots, candidates, target_slots)))
         return indices
 
 
@@ -180,41 +183,40 @@ class GroundingCriterion(nn.Module):
         self.weights = weights or {"l1": 5.0, "giou": 2.0, "conf": 1.0}
         self.losses = {"l1": self.loss_l1, "giou": self.loss_giou, "conf": self.loss_conf}
 
-    # each loss: pred_boxes (B, N, 4) cxcywh, pred_logits (B, N), target_boxes (B, N, 4) cxcywh,
-    # matched = (batch index, pred slot, target slot) of every matched box, negative (B, N) bool
+    # each loss: pred_boxes (B, N, K, 4) cxcywh, pred_logits (B, N, K), target_boxes (B, N, 4) cxcywh,
+    # matched = (batch index, pred slot, candidate, target slot) of every matched box, scored (B, N)
+    # bool: the slots whose every candidate's confidence is trained (real instances and negatives)
 
-    def loss_l1(self, pred_boxes, pred_logits, target_boxes, matched, negative, num_boxes):
-        b, pred_slot, target_slot = matched
-        return F.l1_loss(pred_boxes[b, pred_slot], target_boxes[b, target_slot], reduction="sum") / num_boxes
+    def loss_l1(self, pred_boxes, pred_logits, target_boxes, matched, scored, num_boxes):
+        b, pred_slot, candidate, target_slot = matched
+        return F.l1_loss(pred_boxes[b, pred_slot, candidate], target_boxes[b, target_slot], reduction="sum") / num_boxes
 
-    def loss_giou(self, pred_boxes, pred_logits, target_boxes, matched, negative, num_boxes):
-        b, pred_slot, target_slot = matched
-        giou = matched_generalized_box_iou(box_cxcywh_to_xyxy(pred_boxes[b, pred_slot]),
+    def loss_giou(self, pred_boxes, pred_logits, target_boxes, matched, scored, num_boxes):
+        b, pred_slot, candidate, target_slot = matched
+        giou = matched_generalized_box_iou(box_cxcywh_to_xyxy(pred_boxes[b, pred_slot, candidate]),
                                            box_cxcywh_to_xyxy(target_boxes[b, target_slot]))
         return (1 - giou).sum() / num_boxes
 
-    def loss_conf(self, pred_boxes, pred_logits, target_boxes, matched, negative, num_boxes):
-        b, pred_slot, target_slot = matched
-        iou = matched_box_iou(box_cxcywh_to_xyxy(pred_boxes[b, pred_slot]),
+    def loss_conf(self, pred_boxes, pred_logits, target_boxes, matched, scored, num_boxes):
+        b, pred_slot, candidate, target_slot = matched
+        iou = matched_box_iou(box_cxcywh_to_xyxy(pred_boxes[b, pred_slot, candidate]),
                               box_cxcywh_to_xyxy(target_boxes[b, target_slot])).detach()
+        # the matched candidate learns its IoU; a slot's other candidates and a negative's learn 0, as
+        # DETR's unmatched queries learn "no object", so that the argmax at inference picks the match
         target = torch.zeros_like(pred_logits)
-        target[b, pred_slot] = iou
-        scored = negative.clone()
-        scored[b, pred_slot] = True
+        target[b, pred_slot, candidate] = iou
         loss = F.binary_cross_entropy_with_logits(pred_logits, target, reduction="none")
-        return (loss * scored).sum() / num_boxes
+        return (loss * scored[:, :, None]).sum() / num_boxes
 
     @staticmethod
     def flatten(indices, device):
-        """The matcher's per-image pairs as (batch index, pred slot, target slot) over the whole batch,
-        for indexing (B, N, ...) tensors (DETR's _get_src_permutation_idx)."""
-        batch_index = torch.cat([torch.full_like(pred_slots, b) for b, (pred_slots, _) in enumerate(indices)])
-        pred_slots = torch.cat([pred_slots for pred_slots, _ in indices])
-        target_slots = torch.cat([target_slots for _, target_slots in indices])
-        return batch_index.to(device), pred_slots.to(device), target_slots.to(device)
+        """The matcher's per-image triples as (batch index, pred slot, candidate, target slot) over the
+        whole batch, for indexing (B, N, K, ...) tensors (DETR's _get_src_permutation_idx)."""
+        batch_index = torch.cat([torch.full_like(pred_slots, b) for b, (pred_slots, _, _) in enumerate(indices)])
+        return (batch_index.to(device), *(torch.cat(column).to(device) for column in zip(*indices)))
 
     def forward(self, outputs, target_boxes, phrase_ids, instance_mask, negative=None):
-        """outputs: {"boxes": (L, B, N, 4) cxcywh, "logits": (L, B, N)} from GroundingHead;
+        """outputs: {"candidate_boxes": (L, B, N, K, 4) cxcywh, "candidate_logits": (L, B, N, K)} from GroundingHead;
         target_boxes (B, N, 4) xyxy as data.collate gives them; phrase_ids (B, N, Lp); instance_mask
         (B, N); negative (B, N) bool or None. -> {"loss": weighted total over every layer,
         "l1", "giou", "conf": the last layer's terms, "l1_0", ...: the intermediate layers' terms}."""
@@ -226,14 +228,16 @@ class GroundingCriterion(nn.Module):
             dist.all_reduce(num_boxes)
             num_boxes = num_boxes / dist.get_world_size()
         num_boxes = num_boxes.clamp(min=1)
-        n_layers = outputs["boxes"].shape[0]
+        scored = instance_mask.clone()
+        n_layers = outputs["candidate_boxes"].shape[0]
         terms, total = {}, 0.0
         for layer in range(n_layers):
-            pred_boxes, pred_logits = outputs["boxes"][layer].float(), outputs["logits"][layer].float()
+            pred_boxes = outputs["candidate_boxes"][layer].float()
+            pred_logits = outputs["candidate_logits"][layer].float()
             matched = self.flatten(self.matcher(pred_boxes, pred_logits, target_boxes, groups), pred_boxes.device)
             suffix = "" if layer == n_layers - 1 else f"_{layer}"
             for name, loss_fn in self.losses.items():
-                value = loss_fn(pred_boxes, pred_logits, target_boxes, matched, negative, num_boxes)
+                value = loss_fn(pred_boxes, pred_logits, target_boxes, matched, scored, num_boxes)
                 terms[name + suffix] = value
                 total = total + self.weights[name] * value
         return {"loss": total, **terms}
@@ -288,14 +292,24 @@ INITIAL_BOX = (0.5, 0.5, 0.3, 0.3)  # cxcywh of a fresh head's boxes: centred, t
 
 class GroundingHead(nn.Module):
     """image_features (B, P, D) (position-embedded by the caller), queries (B, N, D) (one per phrase
-    instance), query_mask (B, N) bool -> {"boxes": (L, B, N, 4) cxcywh in [0, 1], "logits": (L, B, N)},
-    one entry per decoder layer; the last is the prediction, the others feed the auxiliary losses."""
+    instance), query_mask (B, N) bool -> {"candidate_boxes": (L, B, N, K, 4) cxcywh in [0, 1],
+    "candidate_logits": (L, B, N, K), "boxes": (L, B, N, 4), "logits": (L, B, N)}, one entry per
+    decoder layer; the last is the prediction, the others feed the auxiliary losses.
 
-    def __init__(self, dim, depth=3, heads=4, max_instances=8):
+    Each query proposes K = `candidates` boxes, each with its confidence, and its answer ("boxes",
+    "logits") is its most confident candidate. With one box per query, a query unsure which of two
+    objects is its own is pulled by the L1 and GIoU losses to a box between them (the regression
+    mean); with several, one candidate can sit on each and the confidence chooses, as DETR's many
+    queries per image do. K = 1 is DETR's one query per instance."""
+
+    def __init__(self, dim, depth=3, heads=4, max_instances=8, candidates=1):
         super().__init__()
+        self.candidates = candidates
         # a learned embedding per slot: two queries of the same phrase would otherwise be identical
-        # and could only ever predict the same box (symmetry breaking)
+        # and could only ever predict the same box (symmetry breaking); the same for a slot's candidates
         self.slot_embed = nn.Parameter(torch.randn(max_instances, dim) * 0.02)
+        if candidates > 1:
+            self.candidate_embed = nn.Parameter(torch.randn(candidates, dim) * 0.02)
         self.image_norm = nn.LayerNorm(dim)
         self.layers = nn.ModuleList(DecoderLayer(dim, heads) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)  # shared by every layer's output, as DETR's decoder norm
@@ -307,13 +321,16 @@ class GroundingHead(nn.Module):
             self.box_head.fc2.bias.copy_(torch.logit(torch.tensor(INITIAL_BOX)))
 
     def forward(self, image_features, queries, query_mask):
-        B, N, _ = queries.shape
+        (B, N, D), K = queries.shape, self.candidates
         queries = queries + self.slot_embed[:N].to(queries.dtype)
+        if K > 1:
+            queries = (queries[:, :, None] + self.candidate_embed.to(queries.dtype)).flatten(1, 2)  # (B, N*K, D)
         image_features = self.image_norm(image_features)
         # a query reads the valid queries and itself, so a padding slot never feeds a real one and
         # no row of the softmax is empty
-        itself = torch.eye(N, dtype=torch.bool, device=queries.device)
-        self_mask = (query_mask[:, None, :] | itself)[:, None]  # (B, 1, N, N)
+        valid = query_mask.repeat_interleave(K, dim=1)  # (B, N*K)
+        itself = torch.eye(N * K, dtype=torch.bool, device=queries.device)
+        self_mask = (valid[:, None, :] | itself)[:, None]  # (B, 1, N*K, N*K)
         boxes, logits = [], []
         for layer in self.layers:
             queries = layer(queries, image_features, self_mask)
@@ -321,9 +338,13 @@ class GroundingHead(nn.Module):
             # near 0.5 to steps of 0.002, a pixel's fraction at R = 128, which the L1 loss would feel
             with torch.autocast(queries.device.type, enabled=False):
                 h = self.norm(queries.float())
-                boxes.append(self.box_head(h).sigmoid())
-                logits.append(self.conf_head(h).squeeze(-1))
-        return {"boxes": torch.stack(boxes), "logits": torch.stack(logits)}
+                boxes.append(self.box_head(h).sigmoid().view(B, N, K, 4))
+                logits.append(self.conf_head(h).view(B, N, K))
+        boxes, logits = torch.stack(boxes), torch.stack(logits)  # (L, B, N, K, 4), (L, B, N, K)
+        best = logits.argmax(dim=-1, keepdim=True)  # (L, B, N, 1)
+        return {"candidate_boxes": boxes, "candidate_logits": logits,
+                "boxes": boxes.gather(3, best[..., None].expand(-1, -1, -1, -1, 4)).squeeze(3),
+                "logits": logits.gather(3, best).squeeze(3)}
 
 
 def decode_predictions(outputs):
@@ -611,11 +632,12 @@ def train(argv):
                                   weight_decay=cfg.weight_decay, fused=dev.type == "cuda")
     step = 0
     if cfg.init_from == "resume":
-        saved = runtime.read_checkpoint_config(ckpt_path)
+        source = runtime.checkpoint_folder(ckpt_path)  # the newest complete one, wherever a kill inside a save left it
+        saved = runtime.read_checkpoint_config(source)
         if saved["kind"] != "StandaloneDetector":
-            runtime.fail(f"checkpoint '{ckpt_path}': holds a {saved['kind']}, not a StandaloneDetector")
-        runtime.check_same_model_config(ckpt_path, saved["model"], model_config)
-        step = runtime.load_train_state(ckpt_path, model, ema, optimizer)
+            runtime.fail(f"checkpoint '{source}': holds a {saved['kind']}, not a StandaloneDetector")
+        runtime.check_same_model_config(source, saved["model"], model_config)
+        step = runtime.load_train_state(source, model, ema, optimizer)
     if dist_ctx.master:
         print(f"StandaloneDetector: {model.num_params() / 1e6:.2f}M parameters, res {cfg.res}, "
               f"{model.grid}x{model.grid} feature tokens, global batch {global_batch} on {dist_ctx.world} x {dev.type}, "
@@ -625,9 +647,11 @@ def train(argv):
         model.head.compile()
     device_ids = [dist_ctx.local_rank] if dev.type == "cuda" else None
     train_model = DDP(model, device_ids=device_ids) if dist_ctx.ddp else model
-    log = runtime.JsonlLog(os.path.join(cfg.out_dir, "log.jsonl"), dist_ctx.master)
+    log = runtime.JsonlLog(os.path.join(cfg.out_dir, "log.jsonl"), dist_ctx.master, from_step=step)
+    guard = runtime.UpdateGuard(log)
 
     def train_step(step):
+        """One optimizer step -> the mean losses and whether the weights were updated (runtime.UpdateGuard)."""
         indices = runtime.global_batch_indices(step, global_batch, len(cache), cfg.data_seed)
         indices = indices[runtime.rank_slice(global_batch, dist_ctx)]
         total = {}
@@ -647,11 +671,7 @@ def train(argv):
             (losses["loss"] / cfg.grad_accum).backward()
             for name in ("loss", "l1", "giou", "conf"):
                 total[name] = total.get(name, 0.0) + losses[name].item() / cfg.grad_accum
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return total
+        return total, guard.step(model, optimizer, cfg.grad_clip, step)
 
     def evaluate(step):
         ema.eval()
@@ -674,8 +694,8 @@ def train(argv):
         step_lr = runtime.learning_rate(step, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.lr_decay_steps, cfg.schedule)
         for group in optimizer.param_groups:
             group["lr"] = step_lr
-        losses = train_step(step)
-        if ema is not model:
+        losses, updated = train_step(step)
+        if updated and ema is not model:
             runtime.update_ema(ema, model, cfg.ema_decay, step)
         step += 1
         losses = {k: dist_ctx.all_reduce_mean(v) for k, v in losses.items()}
@@ -721,24 +741,16 @@ class Grounder:
 
 
 def load_grounder(ckpt_path, device="cpu", which="ema"):
-    """A Grounder from a checkpoint folder of either kind (config.json's "kind"; EchoGen when absent)."""
+    """A Grounder from a checkpoint folder of either kind (config.json's "kind"; EchoGen when absent),
+    checked as runtime.load_model checks every checkpoint. A generation-only EchoGen (ground_every = 0)
+    has no grounding head: refused."""
     device = torch.device(device)
     saved = runtime.read_checkpoint_config(ckpt_path)
-    if saved["kind"] == "EchoGen":
-        model, tokenizer, _ = runtime.load_model(ckpt_path, which, device)
-        return Grounder("EchoGen", model, tokenizer, model.config.res, model.config.max_instances, device)
-    if saved["kind"] != "StandaloneDetector":
-        runtime.fail(f"checkpoint '{ckpt_path}': holds a {saved['kind']}, "
-                     f"not a grounder (StandaloneDetector or EchoGen)")
-    unknown = sorted(set(saved["model"]) - {f.name for f in fields(DetectorConfig)})
-    if unknown:
-        runtime.fail(f"checkpoint '{ckpt_path}': model config has unknown field '{unknown[0]}' "
-                     f"(made by another version?)")
-    model = StandaloneDetector(DetectorConfig(**saved["model"]))
-    model.load_state_dict(runtime.load_weights(ckpt_path, which))
-    tokenizer = Tokenizer.from_file(os.path.join(ckpt_path, "tokenizer.json"))
-    return Grounder("StandaloneDetector", model.to(device).eval(), tokenizer, model.config.res,
-                    model.config.max_instances, device)
+    if saved["kind"] == "EchoGen" and not saved["model"].get("grounding", True):
+        runtime.fail(f"checkpoint '{ckpt_path}': a generation-only EchoGen (config grounding = false), it has no "
+                     f"grounding head to ground phrases with")
+    model, tokenizer, _ = runtime.load_model(ckpt_path, which, device, kind=saved["kind"])
+    return Grounder(saved["kind"], model, tokenizer, model.config.res, model.config.max_instances, device)
 
 
 def read_image(path, res, scene_id):
@@ -748,8 +760,8 @@ def read_image(path, res, scene_id):
     try:
         with Image.open(path) as image:
             image = image.convert("RGB")
-    except OSError as e:
-        raise data.LayoutError(f"scene {scene_id}: image: cannot read {path} ({e})") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # PIL's ways to refuse a file
+        raise data.LayoutError(f"scene {scene_id}: image: cannot read {path} ({runtime.one_line(e)})") from None
     if image.size != (res, res):
         image = image.resize((res, res), Image.BILINEAR)
     return np.asarray(image)
@@ -763,17 +775,19 @@ def layout_box(box):
 
 
 def predict(argv):
-    parser = data.Parser(description="Ground the phrases of a layout file in its images {id}.png.")
+    parser = runtime.ArgumentParser(description="Ground the phrases of a layout file in its images {id}.png.")
     parser.add_argument("--ckpt", required=True, help="checkpoint folder (StandaloneDetector or EchoGen)")
     parser.add_argument("--layouts", required=True, help="layout file (WORLD.md format)")
     parser.add_argument("--images", required=True, help="folder with {id}.png for every scene")
     parser.add_argument("--out", required=True, help="output layout file with predicted boxes and scores")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--batch_size", type=data.positive_int, default=64)
+    parser.add_argument("--batch_size", type=runtime.positive_int, default=64)
     args = parser.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        runtime.fail("--device cuda: no CUDA device available")
-    ground = load_grounder(args.ckpt, args.device)
+    if os.path.isdir(args.out):
+        runtime.fail(f"--out '{args.out}': is a folder; the output is a layout file")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
+        runtime.fail(f"--out '{args.out}': its folder does not exist")
+    ground = load_grounder(args.ckpt, runtime.resolve_device(args.device))
     try:  # everything is read and checked before anything is computed or written
         scenes = data.read_layouts(args.layouts, ground.tokenizer, ground.max_instances)
         images = [read_image(os.path.join(args.images, f"{scene['id']}.png"), ground.res, scene["id"])

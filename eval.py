@@ -38,7 +38,6 @@ ceiling); grounding is scored against the annotations:
     python eval.py --ckpt out/coco/ckpt --judge out/coco_judge/ckpt --n 500
 """
 
-import argparse
 import json
 import os
 
@@ -109,6 +108,19 @@ def ground(grounder, scenes, images):
     return boxes, {k: round(v, 4) for k, v in detector.grounding_metrics(boxes, scores, scenes).items()}
 
 
+def shared_color_accuracy(boxes, scenes):
+    """Acc@0.5 of each instance's own slot, apart for the instances whose color another object of the
+    scene shares (there the color alone cannot find the object: the grounder must see its shape) and
+    for the others -> {"acc50_shared_color", "acc50_own_color"} (None where a set has no such instance)."""
+    hits = {True: [], False: []}
+    for scene, scene_boxes in zip(scenes, boxes.tolist()):
+        colors = [inst["color"] for inst in scene["instances"]]
+        for inst, box in zip(scene["instances"], scene_boxes):
+            hits[colors.count(inst["color"]) > 1].append(data.box_iou(box, inst["box"]) >= 0.5)
+    return {f"acc50_{name}": round(float(np.mean(hits[shared])), 4) if hits[shared] else None
+            for name, shared in (("shared_color", True), ("own_color", False))}
+
+
 def drawable(box, res):
     """A predicted xyxy box that data.draw_boxes can draw: at least a pixel of the image wide and high
     (a collapsed prediction would otherwise make PIL refuse the rectangle)."""
@@ -151,8 +163,9 @@ def evaluate(model, scenes, tokenizer, steps=25, cfg=3.0, shift=1.0, grid_path=N
             metrics["judge"] = judge_images(judge, scenes, images)
     grounder, own_boxes = own_grounder(model, tokenizer), None
     if grounder is not None:
-        metrics["grounding"] = ground(grounder, scenes, truths)[1]
+        boxes, metrics["grounding"] = ground(grounder, scenes, truths)
         if not real:
+            metrics["grounding"].update(shared_color_accuracy(boxes, scenes))
             # does its confidence see shapes and colors, or only boxes? (the confidence half of the reward)
             metrics["grounding"].update(detector.presence_confidence(grounder, scenes, truths, tokenizer,
                                                                      grounder.max_instances, grounder.device))
@@ -189,7 +202,9 @@ COLUMNS = [  # (header, where the figure lives in a set's metrics)
     ("ISR", ("isr",)), ("mIoU", ("miou",)), ("color acc", ("color_acc",)), ("shape acc", ("shape_acc",)),
     ("image success", ("image_success",)), ("color leak", ("color_leak",)),
     ("judge ISR", ("judge", "isr")), ("judge mIoU", ("judge", "miou")),
-    ("grounding Acc@0.5", ("grounding", "acc50")), ("grounding mIoU", ("grounding", "miou")),
+    ("grounding Acc@0.5", ("grounding", "acc50")),
+    ("grounding Acc@0.5, color shared", ("grounding", "acc50_shared_color")),
+    ("grounding Acc@0.5, color own", ("grounding", "acc50_own_color")), ("grounding mIoU", ("grounding", "miou")),
     ("grounding AP", ("grounding", "ap")), ("conf true", ("grounding", "conf_true")),
     ("conf wrong shape", ("grounding", "conf_wrong_shape")), ("conf wrong color", ("grounding", "conf_wrong_color")),
     ("self-grounding Acc@0.5", ("self_grounding", "acc50")),
@@ -219,7 +234,7 @@ def markdown_table(rows, first_header):
 def write_text(path, text):
     """Atomically (a temporary name, then a rename): a reader never sees half a table."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    data._write_atomically(path, lambda f: f.write(text.encode()))
+    runtime.write_atomically(path, lambda f: f.write(text.encode()))
 
 
 def load_judge(path, res, device):
@@ -320,28 +335,31 @@ def reward_agreement(model, tokenizer, n_layouts, group_size=8, steps=10, cfg=3.
 
 
 def main():
-    parser = argparse.ArgumentParser(description="Checker and grounding figures of an EchoGen checkpoint.")
+    parser = runtime.ArgumentParser(description="Checker and grounding figures of an EchoGen checkpoint.")
     parser.add_argument("--ckpt", required=True, help="checkpoint folder (its EMA weights)")
     parser.add_argument("--sets", default="val,heldout", help=f"comma-separated, from {', '.join(data.SCENE_SETS)}")
-    parser.add_argument("--n", type=int, default=64, help="scenes per set (seed 0)")
-    parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--cfg", type=float, default=3.0)
-    parser.add_argument("--shift", type=float, default=1.0)
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--n", type=runtime.positive_int, default=64, help="scenes per set (seed 0)")
+    parser.add_argument("--steps", type=runtime.positive_int, default=25)
+    parser.add_argument("--cfg", type=runtime.non_negative_float, default=3.0)
+    parser.add_argument("--shift", type=runtime.positive_float, default=1.0)
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--dataset", help=f"{data.DATASET_HELP}; default: the checkpoint's own")
     parser.add_argument("--data_dir", help="where the data set's cache lives; default: the checkpoint's own")
     parser.add_argument("--judge", default="", help="a StandaloneDetector checkpoint: on ShapeScenes one trained at the "
                         "model's resolution (detector.py train --res=R), its verdict beside the checker's; on real data "
                         "one trained on the real training images (COCO-MIG's ISR and mIoU)")
     parser.add_argument("--out", default="", help="ShapeScenes: write table.md, results.json and grids/{set}.png here")
-    parser.add_argument("--agreement", type=int, default=0, help="ShapeScenes: only measure, on this many layouts x 8 "
-                        "SDE samples, how the own-head reward agrees with the checker within groups (reward_agreement)")
+    parser.add_argument("--agreement", type=runtime.non_negative_int, default=0,
+                        help="ShapeScenes: only measure, on this many layouts x 8 SDE samples, how the own-head "
+                        "reward agrees with the checker within groups (reward_agreement)")
     args = parser.parse_args()
     sets = args.sets.split(",")
     for kind in sets:
         if kind not in data.SCENE_SETS:
             runtime.fail(f"--sets: unknown set '{kind}' ({', '.join(data.SCENE_SETS)})")
-    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device)
+    if args.out:
+        runtime.check_output_folder("--out", args.out)
+    device = runtime.resolve_device(args.device)
     saved = runtime.read_checkpoint_config(args.ckpt)
     dataset = args.dataset or saved.get("train", {}).get("dataset", "shapescenes")
     if args.agreement:

@@ -471,6 +471,7 @@ class ModelConfig:
     fourier_freqs: int = 8
     grounding: bool = True  # the grounding head and the task embedding; False = the generation-only model
     ground_depth: int = 2  # decoder layers of the grounding head
+    ground_candidates: int = 1  # boxes each grounding query proposes, its answer the most confident (GroundingHead)
     idm: bool = False  # I-DRUID's IDM in every block (and L_dis on request); False = the plain model
     box_attn_bias: float = 2.0  # logit bonus of an image patch for the layout tokens whose box covers it; 0 = none
     # the levers of learning shapes fast (README, "What makes the generator learn shapes"); their
@@ -511,7 +512,8 @@ class EchoGen(nn.Module):
                                         config.channels)
         if config.grounding:
             self.task_embed = nn.Embedding(2, D)  # 0 = generation, 1 = grounding
-            self.grounding_head = detector.GroundingHead(D, config.ground_depth, config.heads, config.max_instances)
+            self.grounding_head = detector.GroundingHead(D, config.ground_depth, config.heads, config.max_instances,
+                                                       config.ground_candidates)
         self._init_weights()
 
     def _init_weights(self):

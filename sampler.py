@@ -13,10 +13,9 @@ gaussian_step_kl (the closed-form KL between two such steps).
     python sampler.py --ckpt out/pretrain/ckpt --layouts L.json --out DIR [--steps 25] [--cfg 3.0] [--seed 0]
 
 writes {id}.png for every scene of the layout file at the checkpoint's resolution, with the EMA
-weights. A bad layout file stops with a one-line error before anything is written.
+weights. A bad layout file, flag or checkpoint stops with a one-line error before anything is written.
 """
 
-import argparse
 import math
 import os
 from typing import NamedTuple, Optional
@@ -258,21 +257,21 @@ def generate_and_check(model, scenes, tokenizer, steps, cfg, shift, seed=0, grid
 
 
 def main():
-    parser = argparse.ArgumentParser(description="Sample images for a layout file from an EchoGen checkpoint.")
+    parser = runtime.ArgumentParser(description="Sample images for a layout file from an EchoGen checkpoint.")
     parser.add_argument("--ckpt", required=True, help="checkpoint folder (uses its EMA weights and tokenizer)")
     parser.add_argument("--layouts", required=True, help="layout JSON (WORLD.md format)")
     parser.add_argument("--out", required=True, help="output folder for {id}.png")
-    parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (1 = off)")
-    parser.add_argument("--shift", type=float, default=1.0, help="timestep shift (SD3); > 1 = more steps at high noise")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--steps", type=runtime.positive_int, default=25)
+    parser.add_argument("--cfg", type=runtime.non_negative_float, default=3.0,
+                        help="classifier-free guidance scale (1 = off)")
+    parser.add_argument("--shift", type=runtime.positive_float, default=1.0,
+                        help="timestep shift (SD3); > 1 = more steps at high noise")
+    parser.add_argument("--seed", type=runtime.seed_int, default=0)
+    parser.add_argument("--batch-size", type=runtime.positive_int, default=64)
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     args = parser.parse_args()
-    if args.steps < 1:
-        runtime.fail(f"--steps must be >= 1, got {args.steps}")
-
-    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device)
+    runtime.check_output_folder("--out", args.out)
+    device = runtime.resolve_device(args.device)
     model, tokenizer, _ = runtime.load_model(args.ckpt, "ema", device)
     try:
         scenes = data.read_layouts(args.layouts, tokenizer, model.config.max_instances)

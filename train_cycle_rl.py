@@ -158,7 +158,8 @@ try:
 except ValueError as e:
     runtime.fail(str(e))
 ckpt_path = os.path.join(out_dir, "ckpt")
-source = ckpt_path if init_from == "resume" else init_from
+# resume reads the newest complete checkpoint, wherever a kill inside a save left it (runtime.save_checkpoint)
+source = runtime.checkpoint_folder(ckpt_path) if init_from == "resume" else init_from
 
 # the policy, its EMA and optimizer; the frozen reference policy (the init checkpoint's weights)
 saved = runtime.read_checkpoint_config(source)
@@ -229,7 +230,8 @@ if compile:
 # the velocity pass leaves the grounding head unused (and the grounding pass the velocity head)
 train_model = DDP(model, device_ids=[dist_ctx.local_rank] if dev.type == "cuda" else None,
                   find_unused_parameters=True) if dist_ctx.ddp else model
-log = runtime.JsonlLog(os.path.join(out_dir, "log.jsonl"), dist_ctx.master)
+log = runtime.JsonlLog(os.path.join(out_dir, "log.jsonl"), dist_ctx.master, from_step=step)
+guard = runtime.UpdateGuard(log)
 
 
 def draw_layouts(update):
@@ -277,7 +279,7 @@ def trained_steps(update, n_stochastic):
     return sorted(torch.randperm(n_stochastic, generator=g)[:k].tolist())
 
 
-def train_critic(trajectory, batch, reward, steps):
+def train_critic(trajectory, batch, reward, steps, update):
     """One critic step: MSE of phi(x_t, t, layout) to the reward at the trained steps; -> (S, B) values
     before the step (the baseline of PPO's advantage). Gradients averaged over ranks by hand."""
     x_t = trajectory["x_t"][steps]  # (S, B, C, R, R)
@@ -285,23 +287,22 @@ def train_critic(trajectory, batch, reward, steps):
     t = trajectory["t"][steps].to(dev).float().repeat_interleave(B)
     values = critic(x_t.flatten(0, 1), t, batch["boxes"].repeat(S, 1, 1), batch["instance_mask"].repeat(S, 1))
     loss = (values - reward.repeat(S)).pow(2).mean()
-    critic_optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if dist_ctx.ddp:
         for p in critic.parameters():
             dist.all_reduce(p.grad)
             p.grad /= dist_ctx.world
-    critic_optimizer.step()
+    guard.step(critic, critic_optimizer, 0.0, update, "critic")
     return values.detach().view(S, B), loss.item()
 
 
-def policy_update(trajectory, batch, advantages, weight, steps):
+def policy_update(trajectory, batch, advantages, weight, steps, update):
     """The clipped objective + KL over the trained steps, in `minibatches` optimizer steps.
     advantages (S, B) per trained step, weight (B,) 1 for rows that train, 0 for skipped ones.
-    -> the log's statistics, averaged."""
+    -> the log's statistics, averaged, with "updated": how many minibatch steps changed the weights."""
     # ratio_error: max |ratio - 1| of the first minibatch, scored before any optimizer step: the policy
     # must score its own samples exactly as it sampled them, so anything but 0 is a bug
-    stats = {"kl": 0.0, "clip_frac": 0.0, "approx_kl": 0.0, "policy_loss": 0.0, "ratio_error": 0.0}
+    stats = {"kl": 0.0, "clip_frac": 0.0, "approx_kl": 0.0, "policy_loss": 0.0, "ratio_error": 0.0, "updated": 0}
     if idm_term is not None:
         stats["idm"] = 0.0
     per_minibatch = samples_per_rank // minibatches
@@ -338,10 +339,7 @@ def policy_update(trajectory, batch, advantages, weight, steps):
             stats["policy_loss"] += (policy_loss * w).sum().item() / denominator / n_terms
             stats["clip_frac"] += step_stats["clip_frac"] / n_terms
             stats["approx_kl"] += step_stats["approx_kl"] / n_terms
-        if grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        stats["updated"] += guard.step(model, optimizer, grad_clip, update, f"policy minibatch {m}")
     return stats
 
 
@@ -363,10 +361,7 @@ def ground_generated_images(images, batch, reward, update):
     loss = criterion(grounding, batch["boxes"], batch["phrase_ids"], batch["instance_mask"] & use[:, None],
                      batch.get("negative"))["loss"]
     (ground_weight * loss).backward()
-    if grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    guard.step(model, optimizer, grad_clip, update, "grounding of the generated images")
     return loss.item(), int(use.sum())
 
 
@@ -411,12 +406,12 @@ def rl_update(update):
         weight = (reward.view(-1, group_size).std(1) > 0).float().repeat_interleave(group_size)
         advantages = advantages[None].expand(len(steps), -1)
     else:
-        values, record["critic_loss"] = train_critic(trajectory, batch, reward, steps)
+        values, record["critic_loss"] = train_critic(trajectory, batch, reward, steps, update)
         advantages = rewards.critic_advantages(reward, values, normalize=False)  # (S, B)
         everyone = gather(advantages.flatten())  # normalized over the gathered batch, as one rank would
         advantages = ((advantages - everyone.mean()) / (everyone.std(unbiased=False) + adv_eps)).clamp(-adv_clip, adv_clip)
         weight = torch.ones_like(reward)
-    record.update(policy_update(trajectory, batch, advantages, weight, steps))
+    record.update(policy_update(trajectory, batch, advantages, weight, steps, update))
     if ground_generated:
         record["ground_loss"], n_used = ground_generated_images(trajectory["x0"], batch, reward, update)
         record["ground_images"] = dist_ctx.all_reduce_mean(n_used) * dist_ctx.world
@@ -447,11 +442,9 @@ def evaluate(update):
 
 
 def save(update):
-    runtime.save_checkpoint(ckpt_path, model, ema, optimizer, tokenizer, config, update)
-    if critic is not None:
-        tmp = os.path.join(ckpt_path, "critic.pt.tmp")
-        torch.save({"critic": critic.state_dict(), "optimizer": critic_optimizer.state_dict()}, tmp)
-        os.replace(tmp, os.path.join(ckpt_path, "critic.pt"))
+    extra = None if critic is None else {"critic.pt": {"critic": critic.state_dict(),
+                                                       "optimizer": critic_optimizer.state_dict()}}
+    runtime.save_checkpoint(ckpt_path, model, ema, optimizer, tokenizer, config, update, extra)
 
 
 if dist_ctx.master and step == 0 and val_scenes:
@@ -465,7 +458,8 @@ while step < max_steps:
     for group in optimizer.param_groups:
         group["lr"] = step_lr
     record, images, scenes = rl_update(step)
-    runtime.update_ema(ema, model, ema_decay, step)
+    if record["updated"]:  # all of its policy steps skipped (runtime.UpdateGuard): the weights, EMA too, stay
+        runtime.update_ema(ema, model, ema_decay, step)
     step += 1
     progress.update(1)
     progress.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{record['kl']:.2e}")

@@ -103,7 +103,8 @@ if not ground_every or batch_size % ground_every:
                  "both chains need generation and grounding samples in every micro-batch")
 global_batch = batch_size * grad_accum * dist_ctx.world
 ckpt_path = os.path.join(out_dir, "ckpt")
-source = ckpt_path if init_from == "resume" else init_from
+# resume reads the newest complete checkpoint, wherever a kill inside a save left it (runtime.save_checkpoint)
+source = runtime.checkpoint_folder(ckpt_path) if init_from == "resume" else init_from
 
 # the model as stage 1 left it: its architecture, weights, EMA and tokenizer
 saved = runtime.read_checkpoint_config(source)
@@ -134,7 +135,8 @@ model.train()
 if compile:
     model.compile_blocks()  # before the DDP wrap (nanoGPT)
 train_model = DDP(model, device_ids=[dist_ctx.local_rank] if dev.type == "cuda" else None) if dist_ctx.ddp else model
-log = runtime.JsonlLog(os.path.join(out_dir, "log.jsonl"), dist_ctx.master)
+log = runtime.JsonlLog(os.path.join(out_dir, "log.jsonl"), dist_ctx.master, from_step=step)
+guard = runtime.UpdateGuard(log)
 
 
 def draw_step_randomness(step):
@@ -148,7 +150,8 @@ def draw_step_randomness(step):
 
 
 def train_step(step):
-    """One optimizer step over this rank's share of the global batch -> mean loss, its parts."""
+    """One optimizer step over this rank's share of the global batch -> mean loss, its parts, and
+    whether the weights were updated (runtime.UpdateGuard)."""
     indices = runtime.global_batch_indices(step, global_batch, len(cache), data_seed)
     mine = runtime.rank_slice(global_batch, dist_ctx)
     indices, *draws = (x[mine] for x in (indices, *draw_step_randomness(step)))
@@ -170,11 +173,7 @@ def train_step(step):
         total_loss += loss.item() / grad_accum
         for k, v in terms.items():
             parts[k] = parts.get(k, 0.0) + (v.item() if torch.is_tensor(v) else v) / grad_accum
-    if grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return total_loss, parts
+    return total_loss, parts, guard.step(model, optimizer, grad_clip, step)
 
 
 def evaluate(step):
@@ -193,8 +192,9 @@ while step < max_steps:
     step_lr = runtime.learning_rate(step, lr, min_lr, warmup_steps, lr_decay_steps, schedule)
     for group in optimizer.param_groups:
         group["lr"] = step_lr
-    loss, parts = train_step(step)
-    runtime.update_ema(ema, model, ema_decay, step)
+    loss, parts, updated = train_step(step)
+    if updated:
+        runtime.update_ema(ema, model, ema_decay, step)
     step += 1
     loss = dist_ctx.all_reduce_mean(loss)
     parts = {k: dist_ctx.all_reduce_mean(v) for k, v in parts.items()}

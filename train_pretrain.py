@@ -94,7 +94,10 @@ ground_t_max = 0.5  # the others at t ~ U[0, ground_t_max]
 ground_negatives = -1  # hard negative phrases per grounding sample (data.add_hard_negatives, ShapeScenes): a
 #                        confidence that sees shapes and colors, not only boxes (Cycle RL's reward); 0 = none,
 #                        -1 = 2 where they apply (ShapeScenes with grounding samples), else none
+ground_confusable = 0.5  # share of grounding samples drawn from scenes where two objects share a color
+#                         (data.confusable_scenes): a head that must see shapes, not only colors; 0 = none
 ground_depth = 2  # decoder layers of the grounding head
+ground_candidates = 1  # boxes each grounding query proposes, its answer the most confident (detector.GroundingHead)
 # IDM's disentangle constraint (only with idm = True)
 idm_weight = 0.1  # total loss += idm_weight * L_dis; L_dis = softplus(CAS(R+) - CAS(R-)) lies in [0.31, 1.31]
 ema_decay = 0.999
@@ -131,12 +134,20 @@ torch.manual_seed(seed)  # same initial weights on every rank
 cache, tokenizer, val_set = data.load_dataset_on_ranks(dist_ctx, dataset, res, max_instances, data_dir, cache_scenes,
                                                        data_seed, val_scenes)
 judge_grounder = detector.load_grounder(judge, dev) if judge else None
+# the confusable scenes are ShapeScenes' two objects of one color; real data's first words are not colors
+if dataset != "shapescenes" or not ground_every:
+    config["ground_confusable"] = ground_confusable = 0.0
+confusable = data.confusable_scenes(cache.arrays["phrase_ids"], cache.arrays["instance_mask"]) if ground_confusable else None
+if confusable is not None and not len(confusable):  # a cache of a handful of scenes may hold none
+    print(f"ground_confusable {ground_confusable}: no confusable scene in the cache, none drawn", file=sys.stderr)
+    confusable = None
 
 # model, EMA, optimizer
 model_config = ModelConfig(res=res, patch=patch, dim=dim, depth=depth, heads=heads, text_depth=text_depth,
                            vocab_size=tokenizer.get_vocab_size(), max_instances=max_instances,
                            max_caption_len=data.MAX_CAPTION_LEN, max_phrase_len=data.MAX_PHRASE_LEN,
-                           grounding=ground_every > 0, ground_depth=ground_depth, idm=idm,
+                           grounding=ground_every > 0, ground_depth=ground_depth,
+                           ground_candidates=ground_candidates, idm=idm,
                            box_attn_bias=box_attn_bias, layout_map=layout_map,
                            pixel_head=pixel_head, prediction=prediction)
 model = EchoGen(model_config).to(dev)
@@ -161,9 +172,10 @@ def warm_start(path):
 
 step = 0
 if init_from == "resume":
-    saved = runtime.read_checkpoint_config(ckpt_path)
-    runtime.check_same_model_config(ckpt_path, saved["model"], model_config)
-    step = runtime.load_train_state(ckpt_path, model, ema, optimizer)
+    source = runtime.checkpoint_folder(ckpt_path)  # the newest complete one, wherever a kill inside a save left it
+    saved = runtime.read_checkpoint_config(source)
+    runtime.check_same_model_config(source, saved["model"], model_config)
+    step = runtime.load_train_state(source, model, ema, optimizer)
 elif init_from != "scratch":
     warm_start(init_from)
 if dist_ctx.master:
@@ -173,7 +185,8 @@ if dist_ctx.master:
 if compile:
     model.compile_blocks()  # before the DDP wrap (nanoGPT)
 train_model = DDP(model, device_ids=[dist_ctx.local_rank] if dev.type == "cuda" else None) if dist_ctx.ddp else model
-log = runtime.JsonlLog(os.path.join(out_dir, "log.jsonl"), dist_ctx.master)
+log = runtime.JsonlLog(os.path.join(out_dir, "log.jsonl"), dist_ctx.master, from_step=step)
+guard = runtime.UpdateGuard(log)
 
 
 def draw_step_randomness(step):
@@ -186,10 +199,13 @@ def draw_step_randomness(step):
 
 def train_step(step):
     """One optimizer step over this rank's share of the global batch; returns the mean loss, its
-    parts and the seconds spent waiting for data."""
+    parts, the seconds spent waiting for data and whether the weights were updated (runtime.UpdateGuard)."""
+    draws = draw_step_randomness(step)
     indices = runtime.global_batch_indices(step, global_batch, len(cache), data_seed)
+    if confusable is not None:
+        indices = data.draw_confusable(indices, draws[0].cpu().numpy() == 1, confusable, ground_confusable, data_seed, step)
     mine = runtime.rank_slice(global_batch, dist_ctx)
-    indices, *draws = (x[mine] for x in (indices, *draw_step_randomness(step)))
+    indices, *draws = (x[mine] for x in (indices, *draws))
     total_loss, parts, data_seconds = 0.0, {}, 0.0
     for micro in range(grad_accum):
         part = slice(micro * batch_size, (micro + 1) * batch_size)
@@ -210,11 +226,7 @@ def train_step(step):
         total_loss += loss.item() / grad_accum
         for k, v in micro_parts.items():
             parts[k] = parts.get(k, 0.0) + v / grad_accum
-    if grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return total_loss, parts, data_seconds
+    return total_loss, parts, data_seconds, guard.step(model, optimizer, grad_clip, step)
 
 
 def evaluate(step):
@@ -237,8 +249,9 @@ while step < max_steps:
     step_lr = runtime.learning_rate(step, lr, min_lr, warmup_steps, lr_decay_steps, schedule)
     for group in optimizer.param_groups:
         group["lr"] = step_lr
-    loss, parts, data_seconds = train_step(step)
-    runtime.update_ema(ema, model, ema_decay, step)
+    loss, parts, data_seconds, updated = train_step(step)
+    if updated:
+        runtime.update_ema(ema, model, ema_decay, step)
     train_seconds += time.perf_counter() - step_start
     step += 1
     loss = dist_ctx.all_reduce_mean(loss)

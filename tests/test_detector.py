@@ -94,26 +94,46 @@ def test_matcher_equals_brute_force_within_phrase_groups(seed):
     groups = torch.tensor([[0, 0, 0, 3, 3, 5],     # a phrase three times, one twice, one once
                            [0, 1, 2, 3, 4, 5],     # all different: identity
                            [0, -1, 0, 0, -1, 5]])  # padding inside
-    indices = HungarianMatcher()(pred, logits, target, groups)
+    indices = HungarianMatcher()(pred[:, :, None], logits[:, :, None], target, groups)  # one candidate per slot
     for b in range(B):
         cost = (5 * torch.cdist(pred[b], target[b], p=1)
                 - 2 * tv.generalized_box_iou(box_cxcywh_to_xyxy(pred[b]), box_cxcywh_to_xyxy(target[b]))
                 - logits[b].sigmoid()[:, None])
         valid, perm, best_total = brute_force(cost, groups[b].tolist())
-        pred_slots, target_slots = indices[b]
-        assert pred_slots.dtype == torch.int64 and pred_slots.tolist() == valid
+        pred_slots, candidates, target_slots = indices[b]
+        assert pred_slots.dtype == torch.int64 and pred_slots.tolist() == valid and (candidates == 0).all()
         assert target_slots.tolist() == perm
         assert float(cost[pred_slots, target_slots].sum()) == pytest.approx(float(best_total), abs=1e-5)
-    assert indices[1][1].tolist() == list(range(N))
+    assert indices[1][2].tolist() == list(range(N))
+
+
+def test_matcher_takes_each_slots_cheapest_candidate():
+    g = torch.Generator().manual_seed(7)
+    B, N, K = 2, 5, 3
+    pred = box_xyxy_to_cxcywh(random_xyxy(B * N * K, g)).view(B, N, K, 4).float()
+    target = box_xyxy_to_cxcywh(random_xyxy(B * N, g)).view(B, N, 4).float()
+    logits = torch.randn(B, N, K, generator=g)
+    groups = torch.tensor([[0, 0, 2, 2, 2], [0, 1, -1, 3, 4]])
+    indices = HungarianMatcher()(pred, logits, target, groups)
+    for b in range(B):
+        flat = pred[b].view(N * K, 4)
+        cost = (5 * torch.cdist(flat, target[b], p=1)
+                - 2 * tv.generalized_box_iou(box_cxcywh_to_xyxy(flat), box_cxcywh_to_xyxy(target[b]))
+                - logits[b].view(N * K).sigmoid()[:, None]).view(N, K, N)
+        valid, perm, best_total = brute_force(cost.min(dim=1).values, groups[b].tolist())
+        pred_slots, candidates, target_slots = indices[b]
+        assert pred_slots.tolist() == valid and target_slots.tolist() == perm
+        assert candidates.tolist() == cost.argmin(dim=1)[pred_slots, target_slots].tolist()
+        assert float(cost[pred_slots, candidates, target_slots].sum()) == pytest.approx(float(best_total), abs=1e-5)
 
 
 def test_matcher_swaps_repeated_phrases_but_never_across_phrases():
     target = torch.tensor([[[0.2, 0.2, 0.2, 0.2], [0.7, 0.7, 0.2, 0.2], [0.2, 0.7, 0.2, 0.2]]])
     pred = target[:, [1, 0, 2]]  # slots 0 and 1 predicted each other's box
     groups = torch.tensor([[0, 0, 2]])
-    _, target_slots = HungarianMatcher()(pred, torch.zeros(1, 3), target, groups)[0]
+    _, _, target_slots = HungarianMatcher()(pred[:, :, None], torch.zeros(1, 3, 1), target, groups)[0]
     assert target_slots.tolist() == [1, 0, 2]
-    _, target_slots = HungarianMatcher()(pred, torch.zeros(1, 3), target, torch.tensor([[0, 1, 2]]))[0]
+    _, _, target_slots = HungarianMatcher()(pred[:, :, None], torch.zeros(1, 3, 1), target, torch.tensor([[0, 1, 2]]))[0]
     assert target_slots.tolist() == [0, 1, 2]  # different phrases: matched by identity, however wrong
 
 
@@ -122,7 +142,9 @@ def test_matcher_swaps_repeated_phrases_but_never_across_phrases():
 
 
 def layered(boxes, logits, n_layers=2):
-    return {"boxes": boxes.expand(n_layers, *boxes.shape), "logits": logits.expand(n_layers, *logits.shape)}
+    """The criterion's input from one candidate per slot: boxes (B, N, 4), logits (B, N)."""
+    return {"candidate_boxes": boxes[:, :, None].expand(n_layers, *boxes.shape[:2], 1, 4),
+            "candidate_logits": logits[:, :, None].expand(n_layers, *logits.shape, 1)}
 
 
 def criterion_case():
@@ -169,6 +191,60 @@ def test_confidence_targets_the_detached_iou_and_negatives_target_zero():
     assert pred.grad is None or pred.grad.abs().max() == 0  # the IoU target is detached
     l1 = torch.nn.functional.l1_loss(pred.detach()[0, :3], box_xyxy_to_cxcywh(boxes_xyxy[0, :3]), reduction="sum")
     assert losses["l1"].item() == pytest.approx(float(l1 / num_boxes), rel=1e-5)  # the negative has no box loss
+
+
+def test_unmatched_candidates_learn_zero_confidence_and_no_box():
+    boxes_xyxy, phrase_ids, mask = criterion_case()
+    truth = box_xyxy_to_cxcywh(boxes_xyxy)
+    far = box_xyxy_to_cxcywh(1 - boxes_xyxy.flip(-1))  # a box elsewhere in the image
+    boxes = torch.stack([far, truth, far], dim=2).requires_grad_(True)  # (B, N, 3, 4): candidate 1 is right
+    logits = torch.zeros(2, 4, 3, requires_grad=True)
+    out = {"candidate_boxes": boxes[None], "candidate_logits": logits[None]}
+    losses = GroundingCriterion()(out, boxes_xyxy, phrase_ids, mask)
+    assert losses["l1"] == 0 and losses["giou"].abs() < 1e-6  # the right candidate was matched, the others carry no box
+    losses["loss"].backward()
+    assert (logits.grad[mask][:, 1] < 0).all()  # the match: towards its IoU of 1
+    assert (logits.grad[mask][:, [0, 2]] > 0).all()  # the rest of a real slot: towards 0
+    assert (logits.grad[~mask] == 0).all()  # padding slots: nothing
+    assert boxes.grad[:, :, [0, 2]].abs().max() == 0
+
+
+def test_head_answers_with_its_most_confident_candidate():
+    torch.manual_seed(0)
+    head = GroundingHead(32, depth=2, heads=2, max_instances=4, candidates=3)
+    for p in [*head.box_head.parameters(), *head.conf_head.parameters()]:
+        torch.nn.init.normal_(p, std=0.5)
+    mask = torch.tensor([[True, True, False, False]] * 2)
+    out = head(torch.randn(2, 16, 32), torch.randn(2, 4, 32), mask)
+    assert out["candidate_boxes"].shape == (2, 2, 4, 3, 4) and out["boxes"].shape == (2, 2, 4, 4)
+    best = out["candidate_logits"].argmax(-1)
+    assert best.unique().numel() > 1  # the case is not trivial
+    for index in itertools.product(range(2), range(2), range(4)):
+        torch.testing.assert_close(out["boxes"][index], out["candidate_boxes"][index][best[index]])
+        assert out["logits"][index] == out["candidate_logits"][index].max()
+
+
+def test_two_candidates_take_one_likely_place_each_with_its_odds_as_confidence():
+    """A phrase whose object is, with equal odds, in one corner or the other, nothing in the image
+    to tell which: each candidate settles on one corner, and its confidence on about 1/2."""
+    torch.manual_seed(0)
+    head = GroundingHead(32, depth=1, heads=2, max_instances=1, candidates=2)
+    optimizer = torch.optim.Adam(head.parameters(), lr=3e-3)
+    corners = torch.tensor([[0.05, 0.05, 0.35, 0.35], [0.65, 0.65, 0.95, 0.95]])
+    image, query, mask = torch.zeros(16, 16, 32), torch.randn(1, 1, 32).expand(16, 1, 32), torch.ones(16, 1, dtype=torch.bool)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        target = corners[torch.randint(0, 2, (16,), generator=g)][:, None]  # (16, 1, 4)
+        loss = GroundingCriterion()(head(image, query, mask), target, torch.ones(16, 1, 1, dtype=torch.long), mask)["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        out = head(image[:1], query[:1], mask[:1])
+    proposed = box_cxcywh_to_xyxy(out["candidate_boxes"][-1, 0, 0])  # (2, 4)
+    assert tv.box_iou(corners, proposed).max(dim=1).values.min() > 0.7  # each corner has its candidate
+    confidence = out["candidate_logits"][-1, 0, 0].sigmoid()
+    assert ((confidence > 0.3) & (confidence < 0.7)).all()
 
 
 def test_head_breaks_symmetry_and_ignores_padding_slots():

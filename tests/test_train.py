@@ -99,10 +99,15 @@ def test_two_process_ddp_equals_one_process_with_the_same_global_batch(tmp_path)
     _, two = train(tmp_path, "two", "--max_steps=3", "--batch_size=4", nproc=2)
     for part in ("loss", "flow", "ground"):  # each loss as logged: the mean over ranks must be the global one
         np.testing.assert_allclose(losses(two, part), losses(one, part), rtol=1e-5, err_msg=part)
-    # Adam moves each weight by ~lr = 1e-3 a step; weights whose exact gradient is 0 (the key bias of
-    # attention) move by Adam-normalized float noise in both runs, hence an absolute tolerance of 1e-4
+    # Adam moves each weight by ~lr = 1e-3 a step. The key bias of an attention has an exact gradient of
+    # 0 (softmax ignores a logit shift shared by all keys), so Adam moves it by normalized float noise,
+    # up to lr a step in either run: it is left out. Everything else agrees to 1e-4.
     for key, value in weights(one).items():
-        np.testing.assert_allclose(weights(two)[key], value, atol=1e-4, err_msg=key)
+        mine = weights(two)[key]
+        if key.endswith("in_proj_bias"):  # nn.MultiheadAttention's [q | k | v] biases: drop k
+            dim = len(value) // 3
+            value, mine = np.delete(value, slice(dim, 2 * dim)), np.delete(mine, slice(dim, 2 * dim))
+        np.testing.assert_allclose(mine, value, atol=1e-4, err_msg=key)
 
 
 def test_unknown_config_key_is_refused(tmp_path):
