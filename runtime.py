@@ -483,21 +483,28 @@ def load_into(module, path, which):
         fail(f"checkpoint '{path}': {which}.safetensors does not fit this model ({one_line(e)})")
 
 
-def load_train_state(path, model, ema, optimizer):
-    """Restore weights, EMA and optimizer in place; return the step to continue from."""
-    file = checkpoint_file(path, "train_state.pt", " (a resume needs the optimizer state)")
-    load_into(model, path, "model")
-    load_into(ema, path, "ema")
+def load_state_file(path, name, restore, why=""):
+    """restore(state) with the torch.save'd dict `name` of a checkpoint folder (train_state.pt, Cycle RL's
+    critic.pt); a missing, damaged or ill-fitting file is refused in one line. -> what restore returns."""
+    file = checkpoint_file(path, name, why)
     try:
         with warnings.catch_warnings():  # torch warns on stderr about some damaged files, beside its error
             warnings.simplefilter("ignore")
-            state = torch.load(file, map_location="cpu", weights_only=True)
-        optimizer.load_state_dict(state["optimizer"])
-        step = int(state["step"])
+            return restore(torch.load(file, map_location="cpu", weights_only=True))
     except (OSError, EOFError, RuntimeError, pickle.UnpicklingError, ValueError, KeyError, TypeError) as e:
-        fail(f"checkpoint '{path}': train_state.pt is damaged or not this model's ({type(e).__name__}: "
-             f"{one_line(e, 160)})")
-    return step
+        fail(f"checkpoint '{path}': {name} is damaged or not this model's ({type(e).__name__}: {one_line(e, 160)})")
+
+
+def load_train_state(path, model, ema, optimizer):
+    """Restore weights, EMA and optimizer in place; return the step to continue from."""
+    checkpoint_file(path, "train_state.pt", " (a resume needs the optimizer state)")
+    load_into(model, path, "model")
+    load_into(ema, path, "ema")
+
+    def restore(state):
+        optimizer.load_state_dict(state["optimizer"])
+        return int(state["step"])
+    return load_state_file(path, "train_state.pt", restore)
 
 
 def load_tokenizer(path):

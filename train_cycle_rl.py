@@ -189,9 +189,10 @@ if algo == "ppo":
     critic = rewards.ValueCritic(model_config.channels, max_instances, hidden=critic_hidden).to(dev)
     critic_optimizer = torch.optim.AdamW(critic.parameters(), lr=critic_lr)
     if init_from == "resume":
-        state = torch.load(os.path.join(source, "critic.pt"), map_location=dev, weights_only=True)
-        critic.load_state_dict(state["critic"])
-        critic_optimizer.load_state_dict(state["optimizer"])
+        def restore_critic(state):
+            critic.load_state_dict(state["critic"])
+            critic_optimizer.load_state_dict(state["optimizer"])
+        runtime.load_state_file(source, "critic.pt", restore_critic, " (a PPO resume needs its critic)")
 criterion = detector.GroundingCriterion()
 
 # the reward's grounder: a frozen copy of the model's own head, or a fixed judge
