@@ -477,3 +477,30 @@ def test_cli_sample_render_check(tmp_path):
     os.remove(renders / "leakage7.png")
     result = run_cli("check", "--layouts", layouts, "--images", renders)
     assert result.returncode == 2 and "leakage7.png" in result.stderr
+
+
+def test_confusable_scenes_are_those_with_two_shapes_of_one_color():
+    tokenizer = data.build_tokenizer()
+    scenes = [[("red", "ring"), ("red", "square")],    # confusable: the color alone cannot tell them apart
+              [("red", "ring"), ("blue", "square")],   # every color its own
+              [("red", "ring"), ("red", "ring")],      # one phrase twice: interchangeable, not confusable
+              [("green", "cross")],
+              [("blue", "ring"), ("white", "diamond"), ("blue", "circle")]]
+    phrase_ids = np.zeros((len(scenes), 4, data.MAX_PHRASE_LEN), np.int32)
+    mask = np.zeros((len(scenes), 4), bool)
+    for i, pairs in enumerate(scenes):
+        for j, (color, shape) in enumerate(pairs):
+            phrase_ids[i, j] = data.encode_text(tokenizer, data.short_phrase(color, shape), data.MAX_PHRASE_LEN, "x")
+            mask[i, j] = True
+    assert data.confusable_scenes(phrase_ids, mask).tolist() == [0, 4]
+
+
+def test_draw_confusable_replaces_only_grounding_rows_and_only_from_the_pool():
+    indices, rows, pool = np.arange(1000, 1064), np.arange(64) % 4 == 3, np.array([7, 8, 9])
+    drawn = data.draw_confusable(indices, rows, pool, 0.5, seed=0, step=5)
+    assert (drawn[~rows] == indices[~rows]).all()
+    swapped = drawn != indices
+    assert set(drawn[swapped]) <= {7, 8, 9} and 2 <= swapped.sum() <= 14  # about half of the 16 grounding rows
+    assert (data.draw_confusable(indices, rows, pool, 0.5, seed=0, step=5) == drawn).all()  # (seed, step) alone
+    assert (data.draw_confusable(indices, rows, pool, 0.0, seed=0, step=5) == indices).all()
+    assert (data.draw_confusable(indices, rows, pool, 1.0, seed=0, step=5)[rows] < 10).all()
