@@ -62,8 +62,18 @@ MAX_PHRASE_LEN = 12
 SUPERSAMPLE = 4                  # anti-aliasing: draw at 4x, box-filter down
 
 # the scene sets of the benchmark: kind -> (split, range of object counts)
+# The attribute-leakage probes: objects of one shape in different colors, case -> (object counts,
+# boxes touching, colors neighbours in HUES, caption listing the objects in another order than the
+# layout). "leakage" itself is the hardest case (docs/idm.md, "The leakage probe").
+LEAKAGE_CASES = {"pair": ((2, 2), False, False, False), "touching": ((2, 2), True, False, False),
+                 "close": ((2, 2), True, True, False), "row": ((3, 4), True, False, False),
+                 "close_row": ((3, 4), True, True, False), "shuffled": ((3, 4), True, True, True)}
+LEAKAGE_HARDEST = "shuffled"
+LEAKAGE_SPLITS = {"leakage": LEAKAGE_HARDEST, **{f"leakage_{case}": case for case in LEAKAGE_CASES}}
+HUES = ["red", "orange", "yellow", "green", "cyan", "blue", "purple"]  # neighbours here are close in RGB
 SCENE_SETS = {"train": ("train", (1, 4)), "val": ("train", (1, 4)), "heldout": ("heldout", (1, 4)),
-              "crowded": ("train", (5, 8)), "leakage": ("leakage", (2, 2))}
+              "crowded": ("train", (5, 8)),
+              **{split: (split, LEAKAGE_CASES[case][0]) for split, case in LEAKAGE_SPLITS.items()}}
 
 
 class LayoutError(ValueError):
@@ -165,26 +175,74 @@ def _place_boxes(rng, n, max_overlap, candidates_per_object=256):
             return placed.tolist()
 
 
-def _leakage_objects(rng):
-    """The attribute-leakage probe: one shape in two colors, side by side, not overlapping."""
-    shape = SHAPES[rng.integers(len(SHAPES))]
-    colors = [c for c in COLORS if (c, shape) not in HELD_OUT]
-    pair = [colors[i] for i in rng.choice(len(colors), size=2, replace=False)]
+def _leakage_colors(rng, shape, n, close):
+    """n distinct colors allowed with the shape; close: a run of neighbours in HUES, in hue order
+    (None where the shape has no such run)."""
+    allowed = [c for c in COLORS if (c, shape) not in HELD_OUT]
+    if not close:
+        return [allowed[i] for i in rng.choice(len(allowed), size=n, replace=False)]
+    runs = [HUES[i:i + n] for i in range(len(HUES) - n + 1) if all(c in allowed for c in HUES[i:i + n])]
+    if not runs:  # e.g. every run of 4 hues holds green, held out with the cross
+        return None
+    run = runs[rng.integers(len(runs))]
+    return run if rng.random() < 0.5 else run[::-1]
+
+
+def _touching_boxes(rng, n):
+    """n boxes sharing edges, each a neighbour of the next: a row of 2 or 3, or a 2 x 2 block of 4
+    ordered around it (top left, top right, bottom right, bottom left)."""
+    while True:
+        sizes = _random_sizes(rng, n)
+        if n == 4:  # a block: columns of the widest box in each, rows of the tallest
+            w, h = sizes[:, 0].reshape(2, 2).max(0), sizes[:, 1].reshape(2, 2).max(1)
+            aspect = w[[0, 1, 1, 0]] / h[[0, 0, 1, 1]]
+            if w.sum() > 1 or h.sum() > 1 or (aspect < ASPECT_RANGE[0]).any() or (aspect > ASPECT_RANGE[1]).any():
+                continue
+            x0, y0 = rng.uniform(0, 1 - w.sum()), rng.uniform(0, 1 - h.sum())
+            xs, ys = np.array([x0, x0 + w[0], x0 + w[0], x0]), np.array([y0, y0, y0 + h[0], y0 + h[0]])
+            cells = np.array([[w[0], h[0]], [w[1], h[0]], [w[1], h[1]], [w[0], h[1]]])
+            return _boxes_at(xs, ys, np.round(cells, 4)).tolist()
+        if sizes[:, 0].sum() > 1:
+            continue
+        tallest = sizes[:, 1].max()
+        center_y = rng.uniform(tallest / 2, 1 - tallest / 2)
+        x0 = rng.uniform(0, 1 - sizes[:, 0].sum()) + np.concatenate([[0], np.cumsum(sizes[:-1, 0])])
+        return _boxes_at(x0, center_y - sizes[:, 1] / 2, sizes).tolist()
+
+
+def _apart_boxes(rng):
+    """Two boxes side by side with a gap: the left one ends before the middle, the right one starts after."""
     sizes = _random_sizes(rng, 2)
     tallest = sizes[:, 1].max()
     center_y = rng.uniform(tallest / 2, 1 - tallest / 2)
-    left_x0 = rng.uniform(0, 0.5 - sizes[0, 0])    # left box ends before the middle ...
-    right_x0 = rng.uniform(0.5, 1 - sizes[1, 0])   # ... the right one starts after it
-    boxes = _boxes_at(np.array([left_x0, right_x0]), center_y - sizes[:, 1] / 2, sizes).tolist()
-    order = [0, 1] if rng.random() < 0.5 else [1, 0]  # so captions say both "left of" and "right of"
-    return [(pair[i], shape) for i in order], [boxes[i] for i in order]
+    x0 = np.array([rng.uniform(0, 0.5 - sizes[0, 0]), rng.uniform(0.5, 1 - sizes[1, 0])])
+    return _boxes_at(x0, center_y - sizes[:, 1] / 2, sizes).tolist()
+
+
+def _leakage_objects(rng, case):
+    """A scene of the leakage probe LEAKAGE_CASES[case]: one shape in n colors.
+    -> (color, shape) pairs, boxes, and the order in which the caption lists the objects."""
+    (lo, hi), touching, close, shuffled = LEAKAGE_CASES[case]
+    n = int(rng.integers(lo, hi + 1))
+    colors = None
+    while colors is None:
+        shape = SHAPES[rng.integers(len(SHAPES))]
+        colors = _leakage_colors(rng, shape, n, close)
+    boxes = _touching_boxes(rng, n) if touching else _apart_boxes(rng)
+    order = list(rng.permutation(n)) if n > 2 else ([0, 1] if rng.random() < 0.5 else [1, 0])
+    if not shuffled:  # the layout lists the objects in the caption's order
+        colors, boxes, order = [colors[i] for i in order], [boxes[i] for i in order], list(range(n))
+    while shuffled and order == sorted(order):
+        order = list(rng.permutation(n))
+    return [(color, shape) for color in colors], boxes, [int(i) for i in order]
 
 
 def sample_scene(rng, n_objects=(1, 4), split="train", max_overlap=0.10):
     """One scene. split "train": no held-out (color, shape) pair; "heldout": only held-out pairs;
-    "leakage": the probe of _leakage_objects (n_objects and max_overlap do not apply)."""
-    if split == "leakage":
-        pairs, boxes = _leakage_objects(rng)
+    "leakage" and "leakage_CASE": the probes of LEAKAGE_CASES (n_objects and max_overlap do not apply)."""
+    caption_order = None
+    if split in LEAKAGE_SPLITS:
+        pairs, boxes, caption_order = _leakage_objects(rng, LEAKAGE_SPLITS[split])
     elif split in ("train", "heldout"):
         if not 1 <= n_objects[0] <= n_objects[1] <= MAX_OBJECTS:
             raise ValueError(f"n_objects must lie within [1, {MAX_OBJECTS}], got {n_objects}")
@@ -193,14 +251,15 @@ def sample_scene(rng, n_objects=(1, 4), split="train", max_overlap=0.10):
         allowed = TRAIN_PAIRS if split == "train" else HELD_OUT_PAIRS
         pairs = [allowed[i] for i in rng.integers(len(allowed), size=n)]
     else:
-        raise ValueError(f"unknown split {split!r} (train, heldout, leakage)")
+        raise ValueError(f"unknown split {split!r} (train, heldout, {', '.join(LEAKAGE_SPLITS)})")
     instances = []
     for (color, shape), box in zip(pairs, boxes):
         rgb = np.clip(np.array(PALETTE[color]) + rng.integers(-12, 13, size=3), 0, 255)
         instances.append({"phrase": short_phrase(color, shape), "box": box,
                           "color": color, "shape": shape, "rgb": rgb.tolist()})
     gray, gradient = round(rng.uniform(24, 96), 2), round(rng.uniform(-24, 24), 2)
-    return {"caption": make_caption(instances, gray), "instances": instances,
+    in_caption = instances if caption_order is None else [instances[i] for i in caption_order]
+    return {"caption": make_caption(in_caption, gray), "instances": instances,
             "background": {"gray": gray, "gradient": gradient}}
 
 

@@ -10,9 +10,10 @@ model's own grounding of the world's true renders.
 
 prints one JSON line per set, then a markdown table (a row per set). The sets: "val" in-distribution,
 "heldout" the held-out compositions, "crowded" 5 to 8 objects, "leakage" the attribute-leakage probe
-(two objects of one shape in two colors side by side, where IDM should help): besides the checker's
-ISR and color accuracy (its own color found in each box) it reports color_leak, the share of boxes
-holding the other object's color. Per set, at the checkpoint's resolution:
+(objects of one shape in different colors, where IDM should help; "leakage" is its hardest case,
+"leakage_CASE" each case of data.LEAKAGE_CASES): besides the checker's ISR and color accuracy (its own
+color found in each box) it reports color_leak, the share of boxes holding another object's color.
+Per set, at the checkpoint's resolution:
   - the rule-based checker on the generated images: ISR, mIoU, color and shape accuracy, image success;
   - "grounding": the model's own head on the world's true renders (Acc@0.5, mIoU, AP), and its mean
     confidence on the true phrases and on hard negatives, the same objects with the shape or the
@@ -52,22 +53,22 @@ import runtime
 import sampler
 
 
-def is_leakage_pair(scene):
-    """Two instances of one shape in two colors: a scene of the attribute-leakage probe."""
-    first, *others = scene["instances"]
-    return (len(others) == 1 and first.get("shape") is not None and first.get("shape") == others[0].get("shape")
-            and first.get("color") != others[0].get("color"))
+def is_leakage_scene(scene):
+    """Two or more instances of one shape, each in its own color: a scene of the attribute-leakage probes."""
+    instances = scene["instances"]
+    shapes, colors = {inst.get("shape") for inst in instances}, [inst.get("color") for inst in instances]
+    return len(instances) >= 2 and len(shapes) == 1 and None not in shapes and len(set(colors)) == len(colors)
 
 
 def leakage_metrics(scenes, images):
-    """On the attribute-leakage probe (every scene a pair of one shape in two colors): {"color_leak":
-    the share of instances whose box holds the OTHER instance's color}, found as the checker finds
-    colors (connected to the box's core), so a true render scores 0 and a color swap 1. {} otherwise."""
-    if not scenes or not all(map(is_leakage_pair, scenes)):
+    """On an attribute-leakage probe (every scene objects of one shape in different colors): {"color_leak":
+    the share of instances whose box holds another instance's color}, found as the checker finds colors
+    (connected to the box's core), so a true render scores 0 and a swap of colors 1. {} otherwise."""
+    if not scenes or not all(map(is_leakage_scene, scenes)):
         return {}
-    leaks = [data.check_instance(image, dict(instance, color=other["color"]))["color_found"]
-             for scene, image in zip(scenes, images)
-             for instance, other in zip(scene["instances"], scene["instances"][::-1])]
+    leaks = [any(data.check_instance(image, dict(instance, color=other["color"]))["color_found"]
+                 for other in scene["instances"] if other is not instance)
+             for scene, image in zip(scenes, images) for instance in scene["instances"]]
     return {"color_leak": round(sum(leaks) / len(leaks), 4)}
 
 
@@ -197,7 +198,8 @@ def summary(metrics):
 # the results table of a checkpoint (a row per set) or of the pipeline (a row per model)
 
 SET_NAMES = {"train": "training scenes", "val": "in-distribution", "heldout": "held-out compositions",
-             "crowded": "crowded, 5 to 8 objects", "leakage": "attribute-leakage probe"}
+             "crowded": "crowded, 5 to 8 objects", "leakage": "attribute-leakage probe (its hardest case)",
+             **{f"leakage_{case}": f"leakage probe, case {case}" for case in data.LEAKAGE_CASES}}
 COLUMNS = [  # (header, where the figure lives in a set's metrics)
     ("ISR", ("isr",)), ("mIoU", ("miou",)), ("color acc", ("color_acc",)), ("shape acc", ("shape_acc",)),
     ("image success", ("image_success",)), ("color leak", ("color_leak",)),

@@ -293,7 +293,7 @@ def results_table(name, preset, rows, timings, command):
              + ", ".join(f"{stage} {minutes(s)}" for stage, s in timings.items())
              + f"; total {minutes(sum(timings.values()))}.\n",
              "Columns: the rule-based checker on the generated images (ISR, mIoU, color and shape accuracy, image "
-             "success; color leak on the leakage probe: the share of boxes holding the other object's color); "
+             "success; color leak on the leakage probe: the share of boxes holding another object's color); "
              "the standalone judge's ISR and mIoU on the generated images; the model's own grounding head on the "
              "true renders (Acc@0.5, mIoU, AP) and on its own images against the asked boxes (self-grounding, "
              "the view of Cycle RL's reward).\n"]

@@ -37,7 +37,7 @@ def non_overlapping_scenes(n, seed, n_objects=(1, 4)):
 # world rules
 
 
-def assert_world_rules(scene, max_overlap=0.10):
+def assert_world_rules(scene, max_overlap=0.10, caption_order=None):
     boxes = [inst["box"] for inst in scene["instances"]]
     for inst, (x0, y0, x1, y1) in zip(scene["instances"], boxes):
         assert 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1
@@ -51,7 +51,8 @@ def assert_world_rules(scene, max_overlap=0.10):
             assert overlap_fraction(boxes[i], boxes[j]) <= max_overlap + EPS
     background = scene["background"]
     assert 24 <= background["gray"] <= 96 and -24 <= background["gradient"] <= 24
-    assert scene["caption"] == data.make_caption(scene["instances"], background["gray"])
+    in_caption = scene["instances"] if caption_order is None else [scene["instances"][i] for i in caption_order]
+    assert scene["caption"] == data.make_caption(in_caption, background["gray"])
 
 
 def pairs_of(scene):
@@ -78,17 +79,55 @@ def test_scene_sets_keep_their_pairs_and_counts():
             assert all(held_out) if kind == "heldout" else not any(held_out)
 
 
-def test_leakage_probe_is_two_same_shape_objects_side_by_side():
+def test_leakage_pair_is_two_same_shape_objects_side_by_side():
     relations = set()
-    for scene in data.make_scene_set("leakage", 300, seed=0):
+    for scene in data.make_scene_set("leakage_pair", 300, seed=0):
         assert_world_rules(scene, max_overlap=0.0)
         a, b = scene["instances"]
         assert a["shape"] == b["shape"] and a["color"] != b["color"]
         assert not set(pairs_of(scene)) & data.HELD_OUT
         left, right = sorted([a["box"], b["box"]])
-        assert left[2] <= right[0]  # strictly left / right of each other
+        assert left[2] < right[0]  # apart: strictly left / right of each other
         relations.add(data.relation(a["box"], b["box"]))
     assert relations == {"left of", "right of"}
+
+
+def shares_an_edge(a, b):
+    """Boxes that touch along a side: one's right (bottom) edge is the other's left (top), spans overlapping."""
+    side_by_side = (abs(a[2] - b[0]) < EPS or abs(b[2] - a[0]) < EPS) and min(a[3], b[3]) > max(a[1], b[1])
+    stacked = (abs(a[3] - b[1]) < EPS or abs(b[3] - a[1]) < EPS) and min(a[2], b[2]) > max(a[0], b[0])
+    return side_by_side or stacked
+
+
+def caption_order(scene):
+    """The instances in the order the caption names them (each phrase appears once in these probes)."""
+    at = [scene["caption"].index(inst["phrase"]) for inst in scene["instances"]]
+    return sorted(range(len(at)), key=at.__getitem__)
+
+
+@pytest.mark.parametrize("case", list(data.LEAKAGE_CASES))
+def test_each_leakage_case_is_what_its_row_of_the_table_says(case):
+    (lo, hi), touching, close, shuffled = data.LEAKAGE_CASES[case]
+    counts = set()
+    for scene in data.make_scene_set(f"leakage_{case}", 200, seed=0):
+        instances, order = scene["instances"], caption_order(scene)
+        assert_world_rules(scene, max_overlap=0.0, caption_order=order)
+        counts.add(len(instances))
+        assert len({inst["shape"] for inst in instances}) == 1 and len({inst["color"] for inst in instances}) == len(instances)
+        assert not set(pairs_of(scene)) & data.HELD_OUT
+        boxes = [inst["box"] for inst in instances]
+        if touching:  # every object touches another one
+            assert all(any(shares_an_edge(a, b) for b in boxes if b is not a) for a in boxes)
+        else:
+            assert not any(shares_an_edge(a, b) for a in boxes for b in boxes if b is not a)
+        if close:  # a run of neighbours in HUES, and neighbours in hue touch in the image
+            hues = [data.HUES.index(inst["color"]) for inst in instances]
+            assert sorted(hues) == list(range(min(hues), min(hues) + len(hues)))
+            assert all(shares_an_edge(boxes[hues.index(h)], boxes[hues.index(h + 1)]) for h in sorted(hues)[:-1])
+        assert (order != sorted(order)) == shuffled
+    assert counts == set(range(lo, hi + 1))
+    assert data.make_scene_set("leakage", 20, seed=0)[0]["instances"] == \
+        data.sample_scene(data._scene_rng("leakage", 0), split=f"leakage_{data.LEAKAGE_HARDEST}")["instances"]
 
 
 def test_crowded_scenes_sample_fast_even_without_overlap():
@@ -466,17 +505,17 @@ def test_draw_boxes_and_save_grid(tmp_path):
 
 def test_cli_sample_render_check(tmp_path):
     layouts, renders = tmp_path / "layouts.json", tmp_path / "renders"
-    # the leakage probe has no overlapping boxes, where the checker's ISR >= 0.99 is promised
-    assert run_cli("sample", "--kind", "leakage", "--n", "40", "--seed", "0", "--out", layouts).returncode == 0
+    # the leakage probe's pairs have no overlapping boxes, where the checker's ISR >= 0.99 is promised
+    assert run_cli("sample", "--kind", "leakage_pair", "--n", "40", "--seed", "0", "--out", layouts).returncode == 0
     assert run_cli("render", "--layouts", layouts, "--out", renders, "--res", "64").returncode == 0
     assert len(os.listdir(renders)) == 40
     result = run_cli("check", "--layouts", layouts, "--images", renders)
     assert result.returncode == 0 and result.stdout.count("\n") == 1
     scores = json.loads(result.stdout)
     assert scores["isr"] >= 0.99 and scores["n_instances"] == 80
-    os.remove(renders / "leakage7.png")
+    os.remove(renders / "leakage_pair7.png")
     result = run_cli("check", "--layouts", layouts, "--images", renders)
-    assert result.returncode == 2 and "leakage7.png" in result.stderr
+    assert result.returncode == 2 and "leakage_pair7.png" in result.stderr
 
 
 def test_confusable_scenes_are_those_with_two_shapes_of_one_color():

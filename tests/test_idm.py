@@ -304,8 +304,9 @@ def test_idm_switches_on_from_a_plain_checkpoint_and_not_back(tmp_path):
 def test_the_leakage_probe_reports_isr_color_accuracy_and_color_leak():
     scenes = data.make_scene_set("leakage", 12, seed=0)
     renders = [data.render_scene(scene, 64) for scene in scenes]
+    # each object drawn in the next one's color: every box holds another instance's color, none its own
     swapped = [data.render_scene(dict(scene, instances=[dict(a, color=b["color"], rgb=b["rgb"]) for a, b in
-                                                        zip(scene["instances"], scene["instances"][::-1])]), 64)
+                                                        zip(scene["instances"], scene["instances"][1:] + scene["instances"][:1])]), 64)
                for scene in scenes]
     assert evaluation.leakage_metrics(scenes, renders) == {"color_leak": 0.0}
     assert evaluation.leakage_metrics(scenes, swapped) == {"color_leak": 1.0}
