@@ -61,7 +61,6 @@ MAX_CAPTION_LEN = 64             # token budgets, checked against the longest ca
 MAX_PHRASE_LEN = 12
 SUPERSAMPLE = 4                  # anti-aliasing: draw at 4x, box-filter down
 
-# the scene sets of the benchmark: kind -> (split, range of object counts)
 # The attribute-leakage probes: objects of one shape in different colors, case -> (object counts,
 # boxes touching, colors neighbours in HUES, caption listing the objects in another order than the
 # layout). "leakage" itself is the hardest case (docs/idm.md, "The leakage probe").
@@ -71,6 +70,7 @@ LEAKAGE_CASES = {"pair": ((2, 2), False, False, False), "touching": ((2, 2), Tru
 LEAKAGE_HARDEST = "shuffled"
 LEAKAGE_SPLITS = {"leakage": LEAKAGE_HARDEST, **{f"leakage_{case}": case for case in LEAKAGE_CASES}}
 HUES = ["red", "orange", "yellow", "green", "cyan", "blue", "purple"]  # neighbours here are close in RGB
+# the scene sets of the benchmark: kind -> (split, range of object counts)
 SCENE_SETS = {"train": ("train", (1, 4)), "val": ("train", (1, 4)), "heldout": ("heldout", (1, 4)),
               "crowded": ("train", (5, 8)),
               **{split: (split, LEAKAGE_CASES[case][0]) for split, case in LEAKAGE_SPLITS.items()}}
