@@ -237,43 +237,39 @@ class StreamWeights(nn.Module):
         return x + gate_m.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_m, scale_m))
 
 
-def joint_attention(qkv_streams, attn_mask, probe=None):
+def joint_attention(qkv_streams, attn_mask):
     """Concatenate the streams' q, k, v along the sequence, one fused attention call, split back.
     qkv_streams: list of (q, k, v), each (B, H, L_i, Dh); attn_mask: bool (True = may attend) or
     additive float (box_attention_bias), broadcastable to (B, H, L, L) with L = sum L_i.
-    Returns a list of (B, L_i, H*Dh).
-    probe (L, M), one-hot columns that each pick a key, or None: with a probe, also returns every
-    query's attention weights on the picked keys, (B, H, L, M). The probe rides along as M extra
-    value channels (sum_k A[q, k] onehot_m[k] = A[q, key m]), so the weights come out of the same
-    fused kernel, exactly normalized over all keys, without materializing the (L, L) softmax."""
+    Returns a list of (B, L_i, H*Dh)."""
     q, k, v = (torch.cat(parts, dim=2) for parts in zip(*qkv_streams))
-    Dh = v.shape[-1]
-    if probe is not None:
-        v = torch.cat([v, probe.to(v.dtype).expand(*v.shape[:2], -1, -1)], dim=-1)  # (B, H, L, Dh + M)
     if attn_mask.is_floating_point():
         attn_mask = attn_mask.to(q.dtype)  # SDPA wants a float mask in the queries' dtype (bf16 under autocast)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, H, L, Dh [+ M])
-    if probe is not None:
-        out, weights = out[..., :Dh], out[..., Dh:]  # (B, H, L, Dh), (B, H, L, M)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, H, L, Dh)
     out = out.transpose(1, 2).flatten(2)  # (B, L, H*Dh)
-    outs = list(out.split([s[0].shape[2] for s in qkv_streams], dim=1))
-    return outs if probe is None else (outs, weights)
+    return list(out.split([s[0].shape[2] for s in qkv_streams], dim=1))
 
 
 # -----------------------------------------------------------------------------
 # IDM, the instance-disentangled module (I-DRUID, DESIGN.md "The model"), in MM-DiT form
 #
-# I-DRUID's U-Net has one cross-attention per instance; here one joint attention mixes everything,
-# so an instance's "enhanced features" are what its layout token adds to the image tokens in that
-# attention: E_n = A[:, :, :, n] V_n, the image queries' weight on layout key n times its value,
-# (B, H, P, 1) x (B, H, 1, Dh) -> (B, H, P, Dh), read as (B, P, D) with the heads side by side as
-# in the attention output before the projection (so alpha's D channels are the heads' value
-# channels). The fused attention already adds sum_n E_n; IDM adds sum_n (2 alpha_n - 1) E_n, so an
-# instance enters as 2 R+ = 2 alpha_n E_n in place of E_n. The 2 makes a fresh IDM the identity
-# (alpha = 1/2 from the zero-initialized last layer); it is a constant the projection absorbs, so
-# the split R+ = alpha E, R- = (1 - alpha) E is I-DRUID's. E_n itself, (B, H, P, N, Dh), is never
-# materialized: V_n is one vector per head, so all IDM needs factorizes into A (B, H, P, N) and
-# the values (B, H, N, Dh).
+# I-DRUID's U-Net gives every instance its own cross-attention; its output, the instance's
+# "enhanced features" E_n, is a full channels x height x width map, and channel weights alpha_n
+# split it into R+ = alpha_n E_n (the forward pass uses it) and R- = (1 - alpha_n) E_n, with
+# L_dis = softplus(CAS(R+) - CAS(R-)) asking the channels the model keeps to stay inside the box.
+# Here that cross-attention is a per-instance branch of the image stream beside the joint attention:
+# the image queries of every block attend over the keys of one instance only, its phrase's tokens,
+# its layout token and a null key whose value is 0. So
+#     E_n = softmax(q K_n^T / sqrt(Dh)) V_n        (M, H, P, K) @ (M, H, K, Dh) -> (M, P, D)
+# is a sum over several keys, each with its own value: channel d of E_n mixes the K spatial maps
+# with its own weights, so channels spread differently and alpha has maps to choose between (with
+# one key per instance, as a layout token in the joint attention is, every channel of a head shares
+# one map and CAS(R+) = CAS(R-) for any alpha). The null key lets a patch take nothing from the
+# instance. M is the number of instances the image reads (real, not dropped for CFG, in a
+# generation row), computed alone, since most of the max_instances slots are empty.
+# out(sum_n R+_n) is added to the image stream's attention output; out is zero-initialized, so a
+# fresh IDM is the identity (an IDM switched on from a plain checkpoint starts where it was), while
+# L_dis, which reads E and alpha and not out, has a gradient from the first step.
 
 
 def patch_box_coverage(boxes, grid):
@@ -305,34 +301,58 @@ def disentangle_loss(mass_relevant, mass_spurious, box_mask, active):
     return (per_instance * weight).sum() / weight.sum().clamp(min=1)
 
 
+def split_instance_features(E, alpha, box_mask):
+    """I-DRUID's split: E (M, P, D), the enhanced features of M instances; alpha (M, D) in [0, 1];
+    box_mask (M, P), each instance's box at patch resolution. -> R+ = alpha E (M, P, D) and
+    L_dis = softplus(CAS(R+) - CAS(R-)), R- = (1 - alpha) E, CAS on |R| summed over channels."""
+    relevant = alpha[:, None] * E
+    spurious = E - relevant  # (1 - alpha) E
+    mass = lambda R: R.abs().sum(-1)[None]  # (1, M, P), cas's (B, N, P) with the instances as N
+    everyone = torch.ones(1, E.shape[0], dtype=torch.bool, device=E.device)
+    return relevant, disentangle_loss(mass(relevant), mass(spurious), box_mask[None], everyone)
+
+
 class IDM(nn.Module):
-    """Per instance, channel weights alpha_n = sigmoid(MLP([E_n pooled inside its box, layout token n])),
-    (B, N, D); the section comment says what E_n is and why the forward pass adds (2 alpha - 1) E_n."""
+    """The per-instance branch of one block (the section comment says what and why):
+    E_n = attention of the image queries over instance n's own keys, alpha_n = sigmoid(MLP([E_n pooled
+    inside its box, layout token n])), and out(sum_n alpha_n E_n) for the image stream."""
 
-    def __init__(self, dim):
+    def __init__(self, dim, heads):
         super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.q_norm = RMSNorm(dim // heads)
+        self.k_norm = RMSNorm(dim // heads)
+        self.null_key = nn.Parameter(torch.randn(heads, 1, dim // heads))  # its value is 0
         self.alpha = MLP(2 * dim, dim, dim)  # fc2 zero-initialized (EchoGen._init_weights): alpha = 1/2
+        self.out = nn.Linear(dim, dim)  # zero-initialized (EchoGen._init_weights): a fresh IDM adds 0
 
-    def forward(self, layout_tokens, attn, v_layout, box_mask, active):
-        """layout_tokens (B, N, D): the layout tokens entering the block; attn (B, H, P, N): the image
-        queries' attention weights on the layout keys; v_layout (B, H, N, Dh): those keys' values;
-        box_mask (B, N, P); active (B, N) bool: the instances whose layout the image reads (not
-        padding, not dropped for CFG, not in a grounding row).
-        -> (B, P, D) to add to the image stream's attention output, L_dis (a scalar)."""
-        B, H, P, N = attn.shape
-        inside = box_mask / box_mask.sum(-1, keepdim=True).clamp(min=1e-6)  # (B, N, P): a mean over the box
-        attn_inside = torch.einsum("bhpn,bnp->bhn", attn, inside.to(attn.dtype))  # (B, H, N)
-        pooled = (attn_inside.unsqueeze(-1) * v_layout).transpose(1, 2).flatten(2)  # E_n's mean in its box (B, N, D)
-        D = pooled.shape[-1]
-        features = torch.cat([F.layer_norm(pooled, (D,)), F.layer_norm(layout_tokens, (D,))], dim=-1)  # (B, N, 2D)
-        alpha = torch.sigmoid(self.alpha(features)).view(B, N, H, -1).transpose(1, 2)  # (B, H, N, Dh)
-        gain = active[:, None, :, None].to(alpha.dtype) * (2 * alpha - 1)  # 0 = the plain contribution
-        added = (attn @ (gain * v_layout)).transpose(1, 2).flatten(2)  # sum_n (2 alpha_n - 1) E_n (B, P, D)
-        # |R+_n| and |R-_n| summed over channels at each patch: sum_h A[h, p, n] sum_d alpha |V_n[h, d]|
-        v_abs = v_layout.abs()
-        mass_relevant = torch.einsum("bhpn,bhn->bnp", attn, (alpha * v_abs).sum(-1))  # (B, N, P)
-        mass_spurious = torch.einsum("bhpn,bhn->bnp", attn, ((1 - alpha) * v_abs).sum(-1))  # (B, N, P)
-        return added, disentangle_loss(mass_relevant, mass_spurious, box_mask, active)
+    def enhanced_features(self, image_tokens, inputs):
+        """image_tokens (B, P, D) -> E (M, P, D), the branch's attention output per instance."""
+        rows, keys, key_mask = inputs["rows"], inputs["keys"], inputs["key_mask"]  # (M,), (M, K, D), (M, K)
+        (M, K, D), H, P = keys.shape, self.heads, image_tokens.shape[1]
+        q = self.q(F.layer_norm(image_tokens, (D,)))[rows].view(M, P, H, D // H).transpose(1, 2)  # (M, H, P, Dh)
+        k, v = self.kv(keys).view(M, K, 2, H, D // H).permute(2, 0, 3, 1, 4)  # 2 x (M, H, K, Dh)
+        k = torch.cat([self.k_norm(k), self.k_norm(self.null_key).to(k.dtype).expand(M, -1, -1, -1)], dim=2)
+        v = torch.cat([v, v.new_zeros(M, H, 1, D // H)], dim=2)  # (M, H, K + 1, Dh)
+        mask = torch.cat([key_mask, key_mask.new_ones(M, 1)], dim=1)[:, None, None, :]  # (M, 1, 1, K + 1)
+        E = F.scaled_dot_product_attention(self.q_norm(q), k, v, attn_mask=mask)  # (M, H, P, Dh)
+        return E.transpose(1, 2).flatten(2)  # (M, P, D), heads side by side
+
+    def forward(self, image_tokens, inputs):
+        """image_tokens (B, P, D): the image stream entering the block; inputs: EchoGen.idm_inputs.
+        -> (B, P, D) to add to the image stream's attention output, L_dis of this block (a scalar)."""
+        E = self.enhanced_features(image_tokens, inputs)
+        box_mask = inputs["box_mask"]  # (M, P)
+        inside = box_mask / box_mask.sum(-1, keepdim=True).clamp(min=1e-6)  # a mean over the box
+        pooled = torch.einsum("mp,mpd->md", inside.to(E.dtype), E)  # (M, D)
+        D = E.shape[-1]
+        features = torch.cat([F.layer_norm(pooled, (D,)), F.layer_norm(inputs["layout_tokens"], (D,))], dim=-1)
+        alpha = torch.sigmoid(self.alpha(features))  # (M, D)
+        relevant, idm_loss = split_instance_features(E, alpha, box_mask)
+        summed = image_tokens.new_zeros(image_tokens.shape).index_add_(0, inputs["rows"], relevant.to(image_tokens.dtype))
+        return self.out(summed), idm_loss  # summed: sum_n R+_n per image, (B, P, D)
 
 
 class MMDiTBlock(nn.Module):
@@ -344,27 +364,17 @@ class MMDiTBlock(nn.Module):
         super().__init__()
         self.cond_stream = StreamWeights(dim, heads, mlp_ratio, pre_only=cond_pre_only)
         self.image_stream = StreamWeights(dim, heads, mlp_ratio)
-        self.idm = IDM(dim) if idm else None
+        self.idm = IDM(dim, heads) if idm else None
 
     def forward(self, cond_tokens, image_tokens, c, attn_mask, idm_inputs=None):
         """-> (cond_tokens, image_tokens); cond_tokens is None from a pre-only block.
-        idm_inputs (for a block with IDM; EchoGen.run_blocks makes them): {"probe": (L, M) one-hot
-        columns of the layout keys (joint_attention), "box_mask": (B, N, P), "active": (B, N)}
+        idm_inputs (for a block with IDM; EchoGen.idm_inputs makes them)
         -> (cond_tokens, image_tokens, L_dis of this block)."""
         cond_qkv, cond_mod = self.cond_stream.pre_attention(cond_tokens, c)
         image_qkv, image_mod = self.image_stream.pre_attention(image_tokens, c)
-        if idm_inputs is None:
-            cond_out, image_out = joint_attention([cond_qkv, image_qkv], attn_mask)
-        else:
-            (cond_out, image_out), weights = joint_attention([cond_qkv, image_qkv], attn_mask, idm_inputs["probe"])
-            P, N = image_tokens.shape[1], idm_inputs["box_mask"].shape[1]
-            # the layout tokens picked by the probe's columns, not sliced: their offset is the caption's
-            # length, which changes from batch to batch and would recompile a torch.compile'd block
-            select = idm_inputs["probe"][:cond_tokens.shape[1], :N]  # (L_cond, N)
-            layout_tokens = torch.einsum("bld,ln->bnd", cond_tokens, select)  # (B, N, D)
-            v_layout = torch.einsum("bhld,ln->bhnd", cond_qkv[2], select.to(cond_qkv[2].dtype))  # (B, H, N, Dh)
-            added, idm_loss = self.idm(layout_tokens, weights[:, :, -P:, :N], v_layout, idm_inputs["box_mask"],
-                                       idm_inputs["active"])  # the image queries' rows of the weights
+        cond_out, image_out = joint_attention([cond_qkv, image_qkv], attn_mask)
+        if idm_inputs is not None:
+            added, idm_loss = self.idm(image_tokens, idm_inputs)
             image_out = image_out + added
         cond_tokens = None if self.cond_stream.pre_only else self.cond_stream.post_attention(cond_tokens, cond_out, cond_mod)
         image_tokens = self.image_stream.post_attention(image_tokens, image_out, image_mod)
@@ -529,9 +539,10 @@ class EchoGen(nn.Module):
             for stream in (block.cond_stream, block.image_stream):
                 nn.init.zeros_(stream.adaLN[-1].weight)
                 nn.init.zeros_(stream.adaLN[-1].bias)
-            if block.idm is not None:  # alpha = 1/2: a fresh IDM block computes what the plain one does
-                nn.init.zeros_(block.idm.alpha.fc2.weight)
-                nn.init.zeros_(block.idm.alpha.fc2.bias)
+            if block.idm is not None:  # alpha = 1/2, and a fresh IDM adds nothing: the plain block's output
+                for layer in (block.idm.alpha.fc2, block.idm.out):
+                    nn.init.zeros_(layer.weight)
+                    nn.init.zeros_(layer.bias)
         # the last layer that makes pixels starts at zero; with a pixel head that is its last conv, and the
         # final linear keeps its init so that the head's features are not all zero at the start
         for layer in (self.final.adaLN[-1], self.pixel_head.out if self.config.pixel_head else self.final.linear):
@@ -562,15 +573,43 @@ class EchoGen(nn.Module):
         caption_tokens, caption_mask, caption_pooled = self.text(trim_padding(caption_ids))
         # only the phrases of real instances go through the text encoder: most slots are empty
         phrase_pooled = caption_pooled.new_zeros(B, N, self.config.dim)
+        phrase_tokens = phrase_mask = None  # (n_instances, Lp, D), (n_instances, Lp): what IDM reads
         if instance_mask.any():
-            _, _, pooled = self.text(trim_padding(phrase_ids[instance_mask]))  # (n_instances, D)
+            phrase_tokens, phrase_mask, pooled = self.text(trim_padding(phrase_ids[instance_mask]))
             phrase_pooled[instance_mask] = pooled
-        tokens = [caption_tokens, self.layout(phrase_pooled, boxes, instance_mask)]
+        layout_tokens = self.layout(phrase_pooled, boxes, instance_mask)
+        tokens = [caption_tokens, layout_tokens]
         if task is not None:
             tokens.append(self.layout(phrase_pooled, None, instance_mask))  # the grounding queries
-        return {"tokens": torch.cat(tokens, dim=1), "pooled": caption_pooled, "caption_mask": caption_mask,
+        cond = {"tokens": torch.cat(tokens, dim=1), "pooled": caption_pooled, "caption_mask": caption_mask,
                 "instance_mask": instance_mask, "task": task, "boxes": boxes,
                 "layout_map": self.encode_layout_map(phrase_pooled, boxes, instance_mask, task)}
+        if self.config.idm:
+            cond["idm"] = self.idm_inputs(phrase_tokens, phrase_mask, layout_tokens, boxes, instance_mask, task)
+        return cond
+
+    def idm_inputs(self, phrase_tokens, phrase_mask, layout_tokens, boxes, instance_mask, task):
+        """What the IDM of every block reads besides the image tokens, gathered once per sample for the
+        M instances the image reads: real, not dropped for CFG, in a generation row (the image of a
+        grounding row cannot see the layout, and ground() has no boxes). -> {"rows": (M,) the image of
+        each, "keys": (M, Lp + 1, D) its phrase's tokens and its layout token, "key_mask": (M, Lp + 1),
+        "layout_tokens": (M, D), "box_mask": (M, P) its box's share of each patch}."""
+        active = instance_mask if task is None else instance_mask & (task != 1)[:, None]
+        if boxes is None:
+            active = torch.zeros_like(instance_mask)
+        rows, _ = active.nonzero(as_tuple=True)
+        M, D = rows.shape[0], self.config.dim
+        if M == 0:  # nothing to read: empty tensors, so that the blocks run the same code
+            phrase_tokens, phrase_mask = layout_tokens.new_zeros(0, 1, D), instance_mask.new_zeros(0, 1)
+        else:
+            keep = active[instance_mask]  # the active ones among the encoded phrases (both row-major)
+            phrase_tokens, phrase_mask = phrase_tokens[keep], phrase_mask[keep]
+        active_layout = layout_tokens[active]  # (M, D)
+        return {"rows": rows, "layout_tokens": active_layout,
+                "keys": torch.cat([phrase_tokens, active_layout[:, None]], dim=1),
+                "key_mask": torch.cat([phrase_mask, phrase_mask.new_ones(M, 1)], dim=1),
+                "box_mask": (patch_box_coverage(boxes[active][None], self.grid)[0] if M
+                             else layout_tokens.new_zeros(0, self.grid ** 2))}
 
     def encode_layout_map(self, phrase_pooled, boxes, instance_mask, task):
         """The per-pixel layout map (LayoutMap) of the instances the image may read, or None without
@@ -594,23 +633,6 @@ class EchoGen(nn.Module):
 
     # --- the transformer
 
-    def idm_inputs(self, cond, n_image):
-        """What the IDM of every block reads besides the tokens (MMDiTBlock.forward), made once per pass:
-        the probe (L, M) whose column n picks layout key n, the boxes' patch coverage (B, N, P) and
-        the active instances (B, N): real, not dropped, and in a generation row (the image of a
-        grounding row cannot see the layout tokens, so it has no instance contributions to split)."""
-        caption_mask, instance_mask, task = cond["caption_mask"], cond["instance_mask"], cond["task"]
-        (B, N), Lc, device = instance_mask.shape, caption_mask.shape[1], instance_mask.device
-        # M = N rounded up to a multiple of 8: the probe extends the values' head size, and the fused
-        # attention kernels want head sizes aligned to 8
-        probe = torch.zeros(cond["tokens"].shape[1] + n_image, -(-N // 8) * 8, device=device)
-        probe[Lc + torch.arange(N, device=device), torch.arange(N, device=device)] = 1  # [caption | layout | ...]
-        boxes = cond["boxes"]
-        box_mask = (patch_box_coverage(boxes, self.grid) if boxes is not None
-                    else torch.zeros(B, N, n_image, device=device))  # ground(): no boxes, no active instance
-        active = instance_mask if task is None else instance_mask & (task != 1)[:, None]
-        return {"probe": probe, "box_mask": box_mask, "active": active}
-
     def run_blocks(self, x_t, t, cond):
         """x_t (B, C, R, R), t (B,) in [0, 1] -> image tokens (B, P, D), query tokens (B, N, D) or None, c (B, D),
         and L_dis averaged over the blocks (a scalar) or None without IDM."""
@@ -631,9 +653,7 @@ class EchoGen(nn.Module):
         if self.config.box_attn_bias and cond["boxes"] is not None:  # ground() has no boxes
             attn_mask = box_attention_bias(attn_mask, patch_box_coverage(cond["boxes"], self.grid),
                                            cond["instance_mask"], cond["caption_mask"].shape[1], self.config.box_attn_bias)
-        cond_tokens, idm_inputs, idm_losses = cond["tokens"], None, []
-        if self.config.idm:
-            idm_inputs = self.idm_inputs(cond, P)
+        cond_tokens, idm_inputs, idm_losses = cond["tokens"], cond.get("idm"), []
         for block in self.blocks:
             if idm_inputs is None:
                 cond_tokens, image_tokens = block(cond_tokens, image_tokens, c, attn_mask)

@@ -1,5 +1,5 @@
-"""IDM and the disentangle constraint (model.IDM, cas, disentangle_loss; DESIGN.md "The model"): CAS,
-the factorized IDM against its definition, gradients of L_dis, the plain model unchanged with idm off,
+"""IDM and the disentangle constraint (model.IDM, split_instance_features, cas, disentangle_loss): CAS, the
+per-instance branch against its definition, gradients of L_dis, the plain model unchanged with idm off,
 the switch through checkpoints and the training scripts, and eval.py's attribute-leakage probe."""
 
 import dataclasses
@@ -18,8 +18,8 @@ import data
 import detector
 import eval as evaluation
 import runtime
-from model import (EchoGen, IDM, ModelConfig, cas, disentangle_loss, djo_loss, joint_attention, patch_box_coverage,
-                   pmtp_loss)
+from model import (EchoGen, IDM, ModelConfig, cas, disentangle_loss, djo_loss, patch_box_coverage, pmtp_loss,
+                   split_instance_features)
 from test_model import perturb_zero_inits
 from test_rl import MICRO_PRETRAIN, MICRO_RL, ROOT, run
 
@@ -88,8 +88,8 @@ def test_with_idm_off_the_model_is_the_one_before_idm():
 
 
 def test_a_fresh_idm_computes_what_the_plain_model_does():
-    """alpha = 1/2 at init, and the forward pass adds (2 alpha - 1) E_n: a plain model's weights in an IDM
-    model give the same outputs, so IDM can be switched on from a plain checkpoint's weights."""
+    """IDM's output projection starts at zero and alpha at 1/2: a plain model's weights in an IDM model give
+    the same outputs, so IDM can be switched on from a plain checkpoint's weights."""
     torch.manual_seed(0)
     plain = perturb_zero_inits(EchoGen(PLAIN)).eval()
     idm = EchoGen(WITH_IDM).eval()
@@ -142,64 +142,111 @@ def test_cas_is_zero_inside_the_box_and_grows_as_mass_moves_out():
     assert disentangle_loss(plus, minus, masks, torch.tensor([[False, False]])).item() == 0.0
 
 
-def test_the_probe_reads_the_exact_attention_weights_out_of_the_fused_call():
-    torch.manual_seed(0)
-    B, H, Dh, lengths = 2, 2, 8, (5, 7)
-    streams = [tuple(torch.randn(B, H, n, Dh) for _ in range(3)) for n in lengths]
-    mask = torch.rand(B, 1, 12, 12) > 0.3
-    mask[..., 0] = True
-    probe = torch.zeros(12, 8)
-    probe[[2, 3, 4], [0, 1, 2]] = 1  # keys 2, 3 and 4
-    outs, weights = joint_attention(streams, mask, probe)
-    for a, b in zip(outs, joint_attention(streams, mask)):
-        torch.testing.assert_close(a, b)
-    q, k = (torch.cat([s[i] for s in streams], dim=2) for i in (0, 1))
-    logits = (q @ k.transpose(-1, -2) / math.sqrt(Dh)).masked_fill(~mask, float("-inf"))
-    torch.testing.assert_close(weights[..., :3], logits.softmax(-1)[..., [2, 3, 4]])
-    assert torch.all(weights[..., 3:] == 0)
+def idm_inputs_by_hand(M_rows=(0, 0, 1), K=4, D=8, grid=4, seed=0):
+    """Inputs for one IDM (EchoGen.idm_inputs' format): three instances, two in image 0, one in image 1."""
+    g = torch.Generator().manual_seed(seed)
+    M = len(M_rows)
+    key_mask = torch.ones(M, K, dtype=torch.bool)
+    key_mask[0, 2:] = False  # a short phrase: its padding is not a key
+    boxes = torch.tensor([[0.0, 0.0, 0.5, 0.5], [0.5, 0.25, 1.0, 1.0], [0.25, 0.0, 0.75, 0.5]])[:M]
+    return {"rows": torch.tensor(M_rows), "keys": torch.randn(M, K, D, generator=g), "key_mask": key_mask,
+            "layout_tokens": torch.randn(M, D, generator=g), "box_mask": patch_box_coverage(boxes[None], grid)[0]}
 
 
-def test_the_factorized_idm_equals_its_definition():
-    """E_n = A[:, :, :, n] V_n materialized (B, H, P, N, Dh), R+ = alpha E_n, R- = (1 - alpha) E_n: the
-    module's addition to the attention output and its L_dis, with alpha fixed by fc2's bias."""
+def test_idm_equals_its_definition_instance_by_instance():
+    """E_n = softmax over instance n's own keys and a null key (value 0), R+ = alpha E_n, out(sum_n R+_n),
+    L_dis = softplus(CAS(R+) - CAS(R-)), written as a loop over instances against the batched module."""
     torch.manual_seed(0)
-    B, H, P, N, Dh = 2, 2, 16, 3, 4
-    idm = IDM(H * Dh)
+    H, D, P = 2, 8, 16
+    idm = perturb_zero_inits(IDM(D, H))
     with torch.no_grad():
-        idm.alpha.fc2.weight.zero_()
-        idm.alpha.fc2.bias.normal_()
-    alpha = torch.sigmoid(idm.alpha.fc2.bias).view(H, 1, Dh)  # (H, 1, Dh) per channel, the same for every instance
-    attn = torch.rand(B, H, P, N) / P
-    v_layout = torch.randn(B, H, N, Dh)
-    box_mask = patch_box_coverage(torch.rand(B, N, 2).mul(0.5).repeat(1, 1, 2) + torch.tensor([0, 0, 0.4, 0.3]), 4)
-    active = torch.tensor([[True, True, False], [True, False, False]])
-    added, l_dis = idm(torch.randn(B, N, H * Dh), attn, v_layout, box_mask, active)
+        idm.alpha.fc2.weight.normal_()
+        idm.out.weight.normal_()
+    image_tokens, inputs = torch.randn(2, P, D), idm_inputs_by_hand(D=D)
+    added, l_dis = idm(image_tokens, inputs)
 
-    E = attn[..., None] * v_layout[:, :, None]  # (B, H, P, N, Dh)
-    gain = active[:, None, None, :, None] * (2 * alpha[:, None] - 1)  # (B, H, 1, N, Dh)
-    torch.testing.assert_close(added, (gain * E).sum(3).transpose(1, 2).flatten(2))  # (B, P, H*Dh)
-    mass = lambda R: R.abs().sum((1, 4)).transpose(1, 2)  # |R| over channels: (B, H, P, N, Dh) -> (B, N, P)
-    relevant, spurious = mass(alpha[:, None] * E), mass((1 - alpha[:, None]) * E)
-    outside = lambda m: (m * (1 - box_mask)).sum(-1) / m.sum(-1)
-    expected = F.softplus(outside(relevant) - outside(spurious))[active].mean()
-    assert l_dis.item() == pytest.approx(expected.item(), rel=1e-5)
+    expected_added, losses = torch.zeros(2, P, D), []
+    for m, b in enumerate(inputs["rows"].tolist()):
+        heads = lambda x: x.view(x.shape[0], H, D // H).transpose(0, 1)  # (L, D) -> (H, L, Dh)
+        q = idm.q_norm(heads(idm.q(F.layer_norm(image_tokens[b], (D,)))))  # (H, P, Dh)
+        k, v = idm.kv(inputs["keys"][m]).chunk(2, dim=-1)
+        k = torch.cat([idm.k_norm(heads(k)), idm.k_norm(idm.null_key)], dim=1)  # (H, K + 1, Dh)
+        v = torch.cat([heads(v), torch.zeros(H, 1, D // H)], dim=1)
+        logits = (q @ k.transpose(1, 2) / math.sqrt(D // H)).masked_fill(
+            ~torch.cat([inputs["key_mask"][m], torch.tensor([True])]), float("-inf"))
+        E = (logits.softmax(-1) @ v).transpose(0, 1).reshape(P, D)  # (P, D)
+        box = inputs["box_mask"][m]
+        pooled = (box[:, None] * E).sum(0) / box.sum()
+        alpha = torch.sigmoid(idm.alpha(torch.cat([F.layer_norm(pooled, (D,)),
+                                                   F.layer_norm(inputs["layout_tokens"][m], (D,))])))
+        plus, minus = (alpha * E).abs().sum(-1), ((1 - alpha) * E).abs().sum(-1)  # (P,)
+        outside = lambda mass: (mass * (1 - box)).sum() / mass.sum()
+        losses.append(F.softplus(outside(plus) - outside(minus)))
+        expected_added[b] += alpha * E
+    torch.testing.assert_close(added, idm.out(expected_added), atol=1e-5, rtol=1e-5)
+    assert l_dis.item() == pytest.approx(torch.stack(losses).mean().item(), rel=1e-5)
 
 
-def test_l_dis_reaches_the_idm_parameters_and_the_attention():
+def test_with_one_head_l_dis_has_a_gradient_and_falls_when_trained():
+    """The reason for the per-instance branch: each instance's channels carry different maps, so even
+    with one head (where a single key per instance gives L_dis = log 2 for any alpha) L_dis can be
+    lowered. A fresh IDM (alpha = 1/2) is at log 2 with a non-zero gradient; 30 Adam steps on L_dis
+    alone bring it clearly below."""
+    torch.manual_seed(0)
+    idm = IDM(8, heads=1)
+    nn_init = EchoGen(dataclasses.replace(WITH_IDM, dim=8, heads=1)).blocks[0].idm  # zero inits as the model has them
+    idm.load_state_dict(nn_init.state_dict())
+    image_tokens, inputs = torch.randn(2, 16, 8), idm_inputs_by_hand(D=8)
+    _, l_dis = idm(image_tokens, inputs)
+    assert l_dis.item() == pytest.approx(math.log(2), abs=1e-6)
+    grad = torch.autograd.grad(l_dis, idm.alpha.fc2.weight)[0]
+    assert grad.norm() > 1e-3, grad.norm()
+    optimizer = torch.optim.Adam(idm.parameters(), lr=0.05)
+    for _ in range(30):
+        optimizer.zero_grad()
+        idm(image_tokens, inputs)[1].backward()
+        optimizer.step()
+    assert idm(image_tokens, inputs)[1].item() < math.log(2) - 0.1
+
+
+def test_the_split_scores_cas_0_inside_1_outside_and_alpha_moves_r_plus_and_r_minus_apart():
+    box_mask = patch_box_coverage(torch.tensor([[[0.0, 0.0, 0.5, 0.5]]]), 4)[0]  # (1, 16): 4 patches inside
+    inside = box_mask[0] == 1
+    E = torch.zeros(1, 16, 4)
+    E[0, inside, :2] = torch.rand(int(inside.sum()), 2) + 0.1  # channels 0, 1 inside the box
+    E[0, ~inside, 2:] = -torch.rand(int((~inside).sum()), 2) - 0.1  # channels 2, 3 outside it
+    mass = lambda R: R.abs().sum(-1)[None]  # (1, 1, P)
+    keep_inside = torch.tensor([[1.0, 1.0, 0.0, 0.0]])
+    relevant, l_dis = split_instance_features(E, keep_inside, box_mask)
+    assert cas(mass(relevant), box_mask[None]).item() == pytest.approx(0.0, abs=1e-6)
+    assert cas(mass(E - relevant), box_mask[None]).item() == pytest.approx(1.0, abs=1e-6)
+    assert l_dis.item() == pytest.approx(F.softplus(torch.tensor(-1.0)).item(), abs=1e-5)
+    relevant, l_dis = split_instance_features(E, 1 - keep_inside, box_mask)  # the other way round
+    assert cas(mass(relevant), box_mask[None]).item() == pytest.approx(1.0, abs=1e-6)
+    assert l_dis.item() == pytest.approx(F.softplus(torch.tensor(1.0)).item(), abs=1e-5)
+    # raising alpha on a channel grows R+ and shrinks R- there; L_dis's gradient raises alpha on the
+    # channels inside the box and lowers it on those outside
+    alpha = torch.full((1, 4), 0.5, requires_grad=True)
+    relevant, l_dis = split_instance_features(E, alpha, box_mask)
+    d_plus, = torch.autograd.grad(relevant.abs().sum(), alpha, retain_graph=True)
+    d_minus, = torch.autograd.grad((E - relevant).abs().sum(), alpha, retain_graph=True)
+    assert torch.all(d_plus > 0) and torch.all(d_minus < 0)
+    d_loss, = torch.autograd.grad(l_dis, alpha)
+    assert torch.all(d_loss[0, :2] < 0) and torch.all(d_loss[0, 2:] > 0), d_loss
+
+
+def test_l_dis_reaches_the_idm_parameters_and_the_image_stream():
     torch.manual_seed(0)
     model = perturb_zero_inits(EchoGen(WITH_IDM))
     _, l_dis = model(torch.randn(2, 3, 16, 16), torch.tensor([0.6, 0.3]), **fixed_batch(), return_idm=True)
-    idm_params = [(n, p) for n, p in model.named_parameters() if ".idm." in n]
-    assert len(idm_params) == 4 * PLAIN.depth
-    attention = [model.blocks[0].image_stream.qkv.weight, model.blocks[0].cond_stream.qkv.weight]
-    grads = torch.autograd.grad(l_dis, [p for _, p in idm_params] + attention)
+    # every IDM parameter but the output projection, which L_dis does not read
+    idm_params = [(n, p) for n, p in model.named_parameters() if ".idm." in n and ".idm.out." not in n]
+    assert len(idm_params) == 11 * PLAIN.depth  # null key, q, kv, the two norms, the alpha MLP
+    upstream = [model.blocks[0].image_stream.qkv.weight, model.patch_embed.weight, model.text.tok_emb.weight]
+    grads = torch.autograd.grad(l_dis, [p for _, p in idm_params] + upstream)
     for (name, _), grad in zip(idm_params, grads):
         assert grad.abs().sum() > 0, name
-    assert all(g.abs().sum() > 0 for g in grads[len(idm_params):]), "L_dis shapes the attention maps too"
-    # a fresh model (fc2 = 0): the gradient already reaches the last layer, which lets alpha move
-    fresh = EchoGen(WITH_IDM)
-    _, l_dis = fresh(torch.randn(2, 3, 16, 16), torch.tensor([0.6, 0.3]), **fixed_batch(), return_idm=True)
-    assert torch.autograd.grad(l_dis, fresh.blocks[0].idm.alpha.fc2.weight)[0].abs().sum() > 0
+    assert all(g.abs().sum() > 0 for g in grads[len(idm_params):]), "L_dis shapes the image tokens and the phrases"
 
 
 def test_grounding_rows_and_empty_slots_are_outside_idm():
