@@ -34,7 +34,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 import runtime
 
 # -----------------------------------------------------------------------------
-# the world (WORLD.md)
+# the world (docs/world.md)
 
 PALETTE = {
     "red": (220, 40, 40), "orange": (245, 140, 20), "yellow": (235, 215, 40), "green": (40, 170, 60),
@@ -314,7 +314,7 @@ def _background(scene):
     if "background" in scene:
         return scene["background"]["gray"], scene["background"]["gradient"]
     dark = "dark" in re.findall(r"\w+", scene.get("caption", "").lower())
-    return (48 if dark else 80), 0.0  # a user's layout file has no background: WORLD.md's two looks
+    return (48 if dark else 80), 0.0  # a user's layout file has no background: docs/world.md's two looks
 
 
 def _color_and_shape(scene, j):
@@ -397,7 +397,7 @@ def _check_token_budgets():
 _check_token_budgets()
 
 # -----------------------------------------------------------------------------
-# layout files (WORLD.md, "Layout files")
+# layout files (docs/world.md, "Layout files")
 
 MAX_ID_BYTES = 100  # a scene id names its image file {id}.png
 
@@ -1137,7 +1137,7 @@ def scene_images(scenes, res):
     return [resized(scene["image"]) if "image" in scene else render_scene(scene, res) for scene in scenes]
 
 # -----------------------------------------------------------------------------
-# the rule-based checker (WORLD.md, Metrics)
+# the rule-based checker (docs/world.md, "Metrics")
 
 MARGIN = 0.25           # the box is grown by this fraction of its side on every side
 CORE = 0.25             # the box's core: shrunk by this fraction of its side on every side

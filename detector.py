@@ -1,5 +1,5 @@
 """
-The compact DETR-style grounding detector of EchoGen (DESIGN.md, "Grounding objective" and
+The compact DETR-style grounding detector of EchoGen (docs/design.md, "The objectives" and
 "Honest measurement"): image + phrases -> one box and one confidence per phrase instance.
 
 Two uses, one decoder:
@@ -14,7 +14,7 @@ What it implements, after DETR (Carion et al. 2020): box utilities as pure funct
 Hungarian matcher, restricted here to instances that share a phrase (queries of two "red circle"s
 are interchangeable, every other query is tied to its own instance); the set loss L1 x 5 +
 GIoU x 2 + confidence x 1, normalized by the number of target boxes over all ranks, with
-auxiliary losses on every decoder layer; and the grounding metrics of WORLD.md (Acc@0.5 and
+auxiliary losses on every decoder layer; and the grounding metrics of docs/world.md (Acc@0.5 and
 mean IoU after a one-to-one match among repeated phrases) plus COCO-style AP over the scores.
 
 Confidence: IoU-aware (as in IoU-aware RetinaNet / VarifocalNet). There are no classes to score,
@@ -421,7 +421,7 @@ class StandaloneDetector(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# grounding metrics (WORLD.md, Metrics), and COCO-style AP
+# grounding metrics (docs/world.md, "Metrics"), and COCO-style AP
 
 
 IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)
@@ -777,7 +777,7 @@ def layout_box(box):
 def predict(argv):
     parser = runtime.ArgumentParser(description="Ground the phrases of a layout file in its images {id}.png.")
     parser.add_argument("--ckpt", required=True, help="checkpoint folder (StandaloneDetector or EchoGen)")
-    parser.add_argument("--layouts", required=True, help="layout file (WORLD.md format)")
+    parser.add_argument("--layouts", required=True, help="layout file (docs/world.md format)")
     parser.add_argument("--images", required=True, help="folder with {id}.png for every scene")
     parser.add_argument("--out", required=True, help="output layout file with predicted boxes and scores")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])

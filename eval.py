@@ -1,5 +1,5 @@
 """
-Evaluation of an EchoGen model on fixed, seeded ShapeScenes sets (DESIGN.md, "Honest measurement"):
+Evaluation of an EchoGen model on fixed, seeded ShapeScenes sets (docs/design.md, "Honest measurement"):
 layout-to-image quality by the rule-based checker (never by a learned grounder), and the
 model's own grounding of the world's true renders.
 

@@ -1,7 +1,7 @@
 """
 The EchoGen model: a minimal MM-DiT (SD3's multimodal diffusion transformer) that reads a caption,
 a layout (one token per instance: a phrase and a box) and a noisy image, and predicts the
-rectified-flow velocity v = eps - x0 (DESIGN.md, "The model").
+rectified-flow velocity v = eps - x0 (docs/design.md, "The model").
 
 Built bottom-up, one screen per class, as nanoGPT's model.py is:
   RMSNorm, modulate, sinusoidal/Fourier embeddings  ->  TextEncoder  ->  LayoutEmbedding
@@ -251,7 +251,7 @@ def joint_attention(qkv_streams, attn_mask):
 
 
 # -----------------------------------------------------------------------------
-# IDM, the instance-disentangled module (I-DRUID, DESIGN.md "The model"), in MM-DiT form
+# IDM, the instance-disentangled module (I-DRUID, docs/design.md "The model"), in MM-DiT form
 #
 # I-DRUID's U-Net gives every instance its own cross-attention; its output, the instance's
 # "enhanced features" E_n, is a full channels x height x width map, and channel weights alpha_n
@@ -419,7 +419,7 @@ class PixelHead(nn.Module):
 
 
 def task_attention_mask(caption_mask, instance_mask, task, n_queries, n_image):
-    """The task-aware mask of the packed sequence [caption | layout | queries | image] (DESIGN.md,
+    """The task-aware mask of the packed sequence [caption | layout | queries | image] (docs/design.md,
     "Shared tokens"), True = may attend. Rows of task 0 (generation) are denoised from the layout;
     rows of task 1 (grounding) hide the layout tokens from every token, so that nothing in the row
     can copy the boxes it is asked for, and their queries read the caption, the image and each
@@ -727,7 +727,7 @@ def interpolate(x0, noise, t):
 
 
 def flow_loss(v, x0, noise, row_weight=None):
-    """MSE to the velocity target eps - x0 (DESIGN.md), each row weighted by row_weight (B,) if given.
+    """MSE to the velocity target eps - x0 (docs/design.md), each row weighted by row_weight (B,) if given.
     The mean runs over all B rows, not over the weights' sum, so that a batch split across ranks
     averages to the same loss as the whole batch on one rank."""
     per_row = (v.float() - (noise - x0).float()).pow(2).flatten(1).mean(1)  # (B,)
@@ -787,7 +787,7 @@ def add_idm_term(loss, parts, idm_loss, idm_weight):
 
 def pmtp_loss(model, criterion, batch, task, t, noise, drop, ground_weight, idm_weight=None):
     """The summed stage-1 loss of a batch and its parts for the log. criterion None: generation only.
-    idm_weight: None for a model without IDM; else the weight of L_dis (DESIGN.md, IDM) in the sum."""
+    idm_weight: None for a model without IDM; else the weight of L_dis (docs/design.md, "The model") in the sum."""
     x_t, caption_ids, instance_mask = pmtp_inputs(batch, task, t, noise, drop)
     inputs = (x_t, t, caption_ids, batch["phrase_ids"], batch["boxes"], instance_mask)
     if criterion is None:

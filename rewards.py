@@ -1,5 +1,5 @@
 """
-Rewards and advantages of Cycle RL (DESIGN.md, "The three stages", 3; issue 5).
+Rewards and advantages of Cycle RL (docs/design.md, "The three stages", 3).
 
 - layout reward: an image generated for a layout is grounded (by any grounder: the model's own
   head through a frozen copy, or the standalone detector, both as detector.Grounder) and scored

@@ -1,10 +1,10 @@
 """
 Sampling from an EchoGen model: the rectified-flow Euler ODE sampler with SD3's timestep shift
-and classifier-free guidance (DESIGN.md, "Generation objective").
+and classifier-free guidance (docs/design.md, "The objectives").
 
 The flow runs from noise at t = 1 to data at t = 0: x_{t'} = x_t + (t' - t) v(x_t, t).
 
-For Cycle RL (DESIGN.md, "SDE for flow models") the same flow is sampled through an SDE with the
+For Cycle RL (docs/design.md, "SDE for flow models") the same flow is sampled through an SDE with the
 same marginals, whose every step is a Gaussian with an exact log-probability:
 sde_step_with_logprob (the step, float32), policy_step (velocity + step, shared by sampling and
 scoring), sample_sde (trajectories, optionally stochastic in a window of steps only) and
@@ -72,7 +72,7 @@ def sample(model, batch, noise, steps=25, cfg=3.0, shift=1.0):
 
 # -----------------------------------------------------------------------------
 # the SDE sampler with per-step Gaussian log-probabilities: the policy of Cycle RL
-# (DESIGN.md, "SDE for flow models"; Flow-GRPO's sde_step_with_logprob)
+# (docs/design.md, "SDE for flow models"; Flow-GRPO's sde_step_with_logprob)
 
 
 class SDEStep(NamedTuple):
@@ -84,7 +84,7 @@ class SDEStep(NamedTuple):
 
 
 def sde_sigma(t, dt, a):
-    """sigma_t = a sqrt(t / (1 - t)), with t capped at 1 - |dt| (DESIGN.md's SDE is singular at t = 1).
+    """sigma_t = a sqrt(t / (1 - t)), with t capped at 1 - |dt| (the SDE of docs/design.md is singular at t = 1).
     The cap equals Flow-GRPO's rule (sigma at t = 1 is the sigma of the schedule's next time) and,
     unlike a fixed cap 1 - 1e-k, keeps the first step sane for any step count: there the drift
     correction sigma^2 / (2t) x |dt| becomes a^2 (1 - |dt|) / 2 x, the noise variance a^2 (1 - |dt|). Any sigma(t)
@@ -259,7 +259,7 @@ def generate_and_check(model, scenes, tokenizer, steps, cfg, shift, seed=0, grid
 def main():
     parser = runtime.ArgumentParser(description="Sample images for a layout file from an EchoGen checkpoint.")
     parser.add_argument("--ckpt", required=True, help="checkpoint folder (uses its EMA weights and tokenizer)")
-    parser.add_argument("--layouts", required=True, help="layout JSON (WORLD.md format)")
+    parser.add_argument("--layouts", required=True, help="layout JSON (docs/world.md format)")
     parser.add_argument("--out", required=True, help="output folder for {id}.png")
     parser.add_argument("--steps", type=runtime.positive_int, default=25)
     parser.add_argument("--cfg", type=runtime.non_negative_float, default=3.0,

@@ -1,5 +1,5 @@
 """
-Stage 3 of EchoGen, Cycle RL (DESIGN.md "The three stages", 3, and "SDE for flow models"): layouts
+Stage 3 of EchoGen, Cycle RL (docs/design.md "The three stages", 3, and "SDE for flow models"): layouts
 only, no images. The policy is the generator sampled through the SDE of sampler.py; the reward is
 the model's own grounding of what it generated, against the layout it was asked for.
 

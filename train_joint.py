@@ -1,5 +1,5 @@
 """
-Stage 2 of EchoGen, DJO (dual joint optimization, DESIGN.md "The three stages"): from a PMTP
+Stage 2 of EchoGen, DJO (dual joint optimization, docs/design.md "The three stages"): from a PMTP
 checkpoint, the two tasks are chained through each other so that each supervises the other
 (model.djo_loss), while the stage-1 losses stay on so that neither skill is forgotten:
 - layout -> image -> layout: the one-step estimate x0_hat = x_t - t * v_hat of a generation sample

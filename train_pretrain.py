@@ -1,5 +1,5 @@
 """
-Stage 1 of EchoGen, PMTP (parallel multi-task pre-training, DESIGN.md "The three stages"): every
+Stage 1 of EchoGen, PMTP (parallel multi-task pre-training, docs/design.md "The three stages"): every
 batch holds generation samples and grounding samples, packed into one forward pass over the
 shared tokens with a task-aware attention mask (model.task_attention_mask), and the two losses
 are summed with a weight.
@@ -65,7 +65,7 @@ depth = 4
 heads = 4
 text_depth = 2
 max_instances = 8
-idm = False  # IDM in every block (model.IDM, DESIGN.md "The model"); False = the plain model
+idm = False  # IDM in every block (model.IDM, docs/design.md "The model"); False = the plain model
 box_attn_bias = 2.0  # the spatial prior of layout conditioning (model.box_attention_bias); 0 = none
 layout_map = 32  # channels of the per-pixel layout map (model.LayoutMap); 0 = none
 pixel_head = 32  # hidden channels of the output path at pixel resolution (model.PixelHead); 0 = linear unpatchify

@@ -194,7 +194,7 @@ def test_euler_sampler_transports_noise_to_a_point_mass():
         assert torch.allclose(x0, m, atol=1e-5)
 
 
-# --- the packed two-task sequence (DESIGN.md, "Shared tokens")
+# --- the packed two-task sequence (docs/design.md, "The model", shared tokens)
 
 def packed_outputs(model, batch, task, x, t):
     v, grounding = model(x, t, **batch, task=task)
