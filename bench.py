@@ -21,8 +21,9 @@ from torch.utils.flop_counter import FlopCounterMode
 import data
 import runtime
 import sampler
-import detector
-from model import EchoGen, ModelConfig, pmtp_loss, sample_pmtp_draws
+import objectives
+from model import EchoGen, ModelConfig
+from objectives import pmtp_loss, sample_pmtp_draws
 
 # -----------------------------------------------------------------------------
 # config: the model and data keys of train_pretrain.py with its defaults; its config files work here
@@ -99,7 +100,7 @@ def main():
                          box_attn_bias=box_attn_bias, layout_map=layout_map,
                          pixel_head=pixel_head, prediction=prediction)
     model = EchoGen(config).to(dev)
-    criterion = detector.GroundingCriterion() if ground_every else None
+    criterion = objectives.GroundingCriterion() if ground_every else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, fused=dev.type == "cuda")
     g = torch.Generator().manual_seed(0)
 

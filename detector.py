@@ -1,21 +1,13 @@
 """
-The compact DETR-style grounding detector of EchoGen (docs/design.md, "The objectives" and
-"Honest measurement"): image + phrases -> one box and one confidence per phrase instance.
-
-Two uses, one decoder:
-  * GroundingHead: phrase-conditioned queries (one per instance) read image features through
-    cross-attention; a box head and a confidence head after every layer. The unified model
-    (model.py) calls it on the MM-DiT's image tokens and the outputs of its layout tokens.
-  * StandaloneDetector: the independent judge (the role Grounding-DINO plays in I-DRUID): a timm
-    CNN trained from scratch, its own phrase encoder and the same head, trained here on true
-    renders only, so that it never sees a generated image and cannot share a generator's errors.
-
-What it implements, after DETR (Carion et al. 2020): box utilities as pure functions; the
-Hungarian matcher, restricted here to instances that share a phrase (queries of two "red circle"s
-are interchangeable, every other query is tied to its own instance); the set loss L1 x 5 +
-GIoU x 2 + confidence x 1, normalized by the number of target boxes over all ranks, with
-auxiliary losses on every decoder layer; and the grounding metrics of docs/world.md (Acc@0.5 and
-mean IoU after a one-to-one match among repeated phrases) plus COCO-style AP over the scores.
+The standalone grounding detector of EchoGen, the independent judge (docs/design.md, "Honest
+measurement"): image + phrases -> one box and one confidence per phrase instance. The role
+Grounding-DINO plays in I-DRUID: a timm CNN trained from scratch, its own phrase encoder, and the
+same phrase-conditioned decoder as the unified model (model.GroundingHead), trained on true renders
+only, so that it never sees a generated image and cannot share a generator's errors. Here too: the
+grounding metrics of docs/world.md (Acc@0.5 and mean IoU after a one-to-one match among repeated
+phrases, matcher.assign_within_groups) plus COCO-style AP over the scores, the judge's training, a
+Grounder that wraps either model for inference, and the predict CLI. Box operations live in
+boxes.py, the matcher in matcher.py, the set loss in objectives.py (after DETR, Carion et al. 2020).
 
 Confidence: IoU-aware (as in IoU-aware RetinaNet / VarifocalNet). There are no classes to score,
 since every query already names its phrase, so the logit is trained with BCE against the detached
@@ -50,301 +42,18 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 from PIL import Image
-from scipy.optimize import linear_sum_assignment
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
-import model as mmdit  # a module import: model.py imports this file for GroundingHead, so names resolve at call time
+from boxes import box_cxcywh_to_xyxy, box_iou
+from matcher import assign_within_groups
+import model as mmdit
+import objectives
 import runtime
 
-# -----------------------------------------------------------------------------
-# box utilities (DETR's util/box_ops.py): boxes are (..., 4), normalized; pairwise ops broadcast
-# over leading batch dimensions: (..., N, 4) x (..., M, 4) -> (..., N, M)
-
-
-def box_cxcywh_to_xyxy(boxes):
-    cx, cy, w, h = boxes.unbind(-1)
-    return torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=-1)
-
-
-def box_xyxy_to_cxcywh(boxes):
-    x0, y0, x1, y1 = boxes.unbind(-1)
-    return torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], dim=-1)
-
-
-def box_area(boxes):
-    """xyxy (..., 4) -> (...)"""
-    return (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
-
-
-def box_iou(boxes1, boxes2):
-    """Pairwise IoU of xyxy boxes: (..., N, 4), (..., M, 4) -> iou (..., N, M), union (..., N, M)."""
-    top_left = torch.max(boxes1[..., :, None, :2], boxes2[..., None, :, :2])  # (..., N, M, 2)
-    bottom_right = torch.min(boxes1[..., :, None, 2:], boxes2[..., None, :, 2:])
-    wh = (bottom_right - top_left).clamp(min=0)
-    inter = wh[..., 0] * wh[..., 1]
-    union = box_area(boxes1)[..., :, None] + box_area(boxes2)[..., None, :] - inter
-    return inter / union, union
-
-
-def generalized_box_iou(boxes1, boxes2):
-    """Pairwise GIoU (Rezatofighi et al. 2019): IoU - (hull - union) / hull, in [-1, 1]. (..., N, M)"""
-    iou, union = box_iou(boxes1, boxes2)
-    top_left = torch.min(boxes1[..., :, None, :2], boxes2[..., None, :, :2])
-    bottom_right = torch.max(boxes1[..., :, None, 2:], boxes2[..., None, :, 2:])
-    wh = (bottom_right - top_left).clamp(min=0)
-    hull = wh[..., 0] * wh[..., 1]
-    return iou - (hull - union) / hull
-
-
-def matched_box_iou(boxes1, boxes2):
-    """IoU of corresponding xyxy boxes: (K, 4), (K, 4) -> (K,)."""
-    return box_iou(boxes1[:, None], boxes2[:, None])[0][:, 0, 0]
-
-
-def matched_generalized_box_iou(boxes1, boxes2):
-    return generalized_box_iou(boxes1[:, None], boxes2[:, None])[:, 0, 0]
-
-
-# -----------------------------------------------------------------------------
-# the matcher
-
-
-def phrase_groups(phrase_ids, slot_mask):
-    """Which query slots are interchangeable: (B, N, Lp) ids, (B, N) bool -> (B, N) long, the index
-    of the first slot of the same image with the same phrase, -1 where slot_mask is False."""
-    same = (phrase_ids[:, :, None, :] == phrase_ids[:, None, :, :]).all(-1)  # (B, N, N)
-    same &= slot_mask[:, :, None] & slot_mask[:, None, :]
-    first = same.int().argmax(dim=-1)  # argmax returns the first maximum
-    return torch.where(slot_mask, first, torch.full_like(first, -1))
-
-
-class HungarianMatcher(nn.Module):
-    """DETR's matcher, with the assignment restricted to slots of one phrase: within an image the
-    predictions of a phrase group's slots are matched one-to-one to that group's target boxes,
-    minimizing cost = 5 L1 + 2 (-GIoU) - 1 sigmoid(logit) on (cx, cy, w, h). A slot may hold K
-    candidate boxes (GroundingHead's `candidates`): its cost for a target is that of its cheapest
-    candidate, and that candidate is the one matched, so the confidence term decides between a
-    slot's candidates as the head's argmax does at inference. Slots without a group (padding,
-    negatives) are not matched."""
-
-    def __init__(self, cost_l1=5.0, cost_giou=2.0, cost_conf=1.0):
-        super().__init__()
-        self.cost_l1, self.cost_giou, self.cost_conf = cost_l1, cost_giou, cost_conf
-
-    @torch.no_grad()
-    def forward(self, pred_boxes, pred_logits, target_boxes, groups):
-        """pred_boxes (B, N, K, 4) cxcywh, pred_logits (B, N, K), target_boxes (B, N, 4) cxcywh, groups
-        (B, N) from phrase_groups -> a list of B (pred_slots, candidates, target_slots) int64 triples,
-        ordered by pred slot."""
-        B, N, K, _ = pred_boxes.shape
-        pred_boxes, target_boxes = pred_boxes.float().flatten(1, 2), target_boxes.float()  # (B, N*K, 4)
-        cost = (self.cost_l1 * torch.cdist(pred_boxes, target_boxes, p=1)  # (B, N*K, N)
-                - self.cost_giou * generalized_box_iou(box_cxcywh_to_xyxy(pred_boxes), box_cxcywh_to_xyxy(target_boxes))
-                - self.cost_conf * pred_logits.float().flatten(1).sigmoid()[:, :, None])
-        cost, best = cost.view(B, N, K, N).min(dim=2)  # (B, N, N) per slot: its cheapest candidate's cost, and which
-        cost, best, groups = cost.cpu().numpy(), best.cpu().numpy(), groups.cpu().numpy()
-        indices = []
-        for b in range(B):
-            slots = np.flatnonzero(groups[b] >= 0)
-            target_slots = slots.copy()
-            for group in np.unique(groups[b][slots]):
-                members = np.flatnonzero(groups[b] == group)
-                if len(members) > 1:  # a repeated phrase: these slots may trade their targets
-                    rows, cols = linear_sum_assignment(cost[b][np.ix_(members, members)])
-                    target_slots[np.searchsorted(slots, members[rows])] = members[cols]
-            candidates = best[b][slots, target_slots]
-            indices.append(tuple(torch.from_numpy(a).long() for a in (slots, candidates, target_slots)))
-        return indices
-
-
-# -----------------------------------------------------------------------------
-# the set criterion
-
-
-class GroundingCriterion(nn.Module):
-    """DETR's SetCriterion for grounding: one method per loss, a dispatch table, the same matcher run
-    on every decoder layer (auxiliary losses). Each loss is a sum over boxes divided by the number
-    of target boxes, averaged over ranks (DETR), so N ranks equal one rank with their global batch.
-
-    Confidence: BCE-with-logits against the detached IoU of the slot's matched box with its target
-    (IoU-aware). Its minimum is the binary entropy of that IoU, 0 only where the IoU is 0 or 1:
-    on perfect boxes every term reaches 0 as the logits grow. Negative slots (phrase absent from the
-    image, flagged in `negative`) train the confidence towards 0 and carry no box loss."""
-
-    def __init__(self, matcher=None, weights=None):
-        super().__init__()
-        self.matcher = matcher or HungarianMatcher()
-        self.weights = weights or {"l1": 5.0, "giou": 2.0, "conf": 1.0}
-        self.losses = {"l1": self.loss_l1, "giou": self.loss_giou, "conf": self.loss_conf}
-
-    # each loss: pred_boxes (B, N, K, 4) cxcywh, pred_logits (B, N, K), target_boxes (B, N, 4) cxcywh,
-    # matched = (batch index, pred slot, candidate, target slot) of every matched box, scored (B, N)
-    # bool: the slots whose every candidate's confidence is trained (real instances and negatives)
-
-    def loss_l1(self, pred_boxes, pred_logits, target_boxes, matched, scored, num_boxes):
-        b, pred_slot, candidate, target_slot = matched
-        return F.l1_loss(pred_boxes[b, pred_slot, candidate], target_boxes[b, target_slot], reduction="sum") / num_boxes
-
-    def loss_giou(self, pred_boxes, pred_logits, target_boxes, matched, scored, num_boxes):
-        b, pred_slot, candidate, target_slot = matched
-        giou = matched_generalized_box_iou(box_cxcywh_to_xyxy(pred_boxes[b, pred_slot, candidate]),
-                                           box_cxcywh_to_xyxy(target_boxes[b, target_slot]))
-        return (1 - giou).sum() / num_boxes
-
-    def loss_conf(self, pred_boxes, pred_logits, target_boxes, matched, scored, num_boxes):
-        b, pred_slot, candidate, target_slot = matched
-        iou = matched_box_iou(box_cxcywh_to_xyxy(pred_boxes[b, pred_slot, candidate]),
-                              box_cxcywh_to_xyxy(target_boxes[b, target_slot])).detach()
-        # the matched candidate learns its IoU; a slot's other candidates and a negative's learn 0, as
-        # DETR's unmatched queries learn "no object", so that the argmax at inference picks the match
-        target = torch.zeros_like(pred_logits)
-        target[b, pred_slot, candidate] = iou
-        loss = F.binary_cross_entropy_with_logits(pred_logits, target, reduction="none")
-        return (loss * scored[:, :, None]).sum() / num_boxes
-
-    @staticmethod
-    def flatten(indices, device):
-        """The matcher's per-image triples as (batch index, pred slot, candidate, target slot) over the
-        whole batch, for indexing (B, N, K, ...) tensors (DETR's _get_src_permutation_idx)."""
-        batch_index = torch.cat([torch.full_like(pred_slots, b) for b, (pred_slots, _, _) in enumerate(indices)])
-        return (batch_index.to(device), *(torch.cat(column).to(device) for column in zip(*indices)))
-
-    def forward(self, outputs, target_boxes, phrase_ids, instance_mask, negative=None):
-        """outputs: {"candidate_boxes": (L, B, N, K, 4) cxcywh, "candidate_logits": (L, B, N, K)} from GroundingHead;
-        target_boxes (B, N, 4) xyxy as data.collate gives them; phrase_ids (B, N, Lp); instance_mask
-        (B, N); negative (B, N) bool or None. -> {"loss": weighted total over every layer,
-        "l1", "giou", "conf": the last layer's terms, "l1_0", ...: the intermediate layers' terms}."""
-        negative = (torch.zeros_like(instance_mask) if negative is None else negative) & instance_mask
-        groups = phrase_groups(phrase_ids, instance_mask & ~negative)
-        target_boxes = box_xyxy_to_cxcywh(target_boxes.float())
-        num_boxes = (groups >= 0).sum().float()
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(num_boxes)
-            num_boxes = num_boxes / dist.get_world_size()
-        num_boxes = num_boxes.clamp(min=1)
-        scored = instance_mask.clone()
-        n_layers = outputs["candidate_boxes"].shape[0]
-        terms, total = {}, 0.0
-        for layer in range(n_layers):
-            pred_boxes = outputs["candidate_boxes"][layer].float()
-            pred_logits = outputs["candidate_logits"][layer].float()
-            matched = self.flatten(self.matcher(pred_boxes, pred_logits, target_boxes, groups), pred_boxes.device)
-            suffix = "" if layer == n_layers - 1 else f"_{layer}"
-            for name, loss_fn in self.losses.items():
-                value = loss_fn(pred_boxes, pred_logits, target_boxes, matched, scored, num_boxes)
-                terms[name + suffix] = value
-                total = total + self.weights[name] * value
-        return {"loss": total, **terms}
-
-
-# -----------------------------------------------------------------------------
-# the phrase-conditioned decoder
-
-
-class Attention(nn.Module):
-    """Multi-head attention of queries over a context (the queries themselves for self-attention),
-    RMS qk-norm as in the MM-DiT, one F.scaled_dot_product_attention call."""
-
-    def __init__(self, dim, heads):
-        super().__init__()
-        self.heads = heads
-        self.q = nn.Linear(dim, dim)
-        self.kv = nn.Linear(dim, 2 * dim)
-        self.q_norm = mmdit.RMSNorm(dim // heads)
-        self.k_norm = mmdit.RMSNorm(dim // heads)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x, context, attn_mask=None):
-        B, N, D = x.shape
-        q = self.q(x).view(B, N, self.heads, D // self.heads).transpose(1, 2)  # (B, H, N, Dh)
-        kv = self.kv(context).view(B, context.shape[1], 2, self.heads, D // self.heads)
-        k, v = kv.permute(2, 0, 3, 1, 4)  # 2 x (B, H, P, Dh)
-        out = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v, attn_mask=attn_mask)
-        return self.proj(out.transpose(1, 2).flatten(2))  # (B, N, D)
-
-
-class DecoderLayer(nn.Module):
-    """Pre-norm DETR decoder layer: self-attention among the queries (how two queries of one phrase
-    agree on who takes which object), cross-attention to the image, MLP."""
-
-    def __init__(self, dim, heads, mlp_ratio=4.0):
-        super().__init__()
-        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.self_attn = Attention(dim, heads)
-        self.cross_attn = Attention(dim, heads)
-        self.mlp = mmdit.MLP(dim, int(dim * mlp_ratio))
-
-    def forward(self, queries, image_features, self_mask):
-        h = self.norm1(queries)
-        queries = queries + self.self_attn(h, h, self_mask)
-        queries = queries + self.cross_attn(self.norm2(queries), image_features)
-        return queries + self.mlp(self.norm3(queries))
-
-
-INITIAL_BOX = (0.5, 0.5, 0.3, 0.3)  # cxcywh of a fresh head's boxes: centred, the world's typical size
-
-
-class GroundingHead(nn.Module):
-    """image_features (B, P, D) (position-embedded by the caller), queries (B, N, D) (one per phrase
-    instance), query_mask (B, N) bool -> {"candidate_boxes": (L, B, N, K, 4) cxcywh in [0, 1],
-    "candidate_logits": (L, B, N, K), "boxes": (L, B, N, 4), "logits": (L, B, N)}, one entry per
-    decoder layer; the last is the prediction, the others feed the auxiliary losses.
-
-    Each query proposes K = `candidates` boxes, each with its confidence, and its answer ("boxes",
-    "logits") is its most confident candidate. With one box per query, a query unsure which of two
-    objects is its own is pulled by the L1 and GIoU losses to a box between them (the regression
-    mean); with several, one candidate can sit on each and the confidence chooses, as DETR's many
-    queries per image do. K = 1 is DETR's one query per instance."""
-
-    def __init__(self, dim, depth=3, heads=4, max_instances=8, candidates=1):
-        super().__init__()
-        self.candidates = candidates
-        # a learned embedding per slot: two queries of the same phrase would otherwise be identical
-        # and could only ever predict the same box (symmetry breaking); the same for a slot's candidates
-        self.slot_embed = nn.Parameter(torch.randn(max_instances, dim) * 0.02)
-        if candidates > 1:
-            self.candidate_embed = nn.Parameter(torch.randn(candidates, dim) * 0.02)
-        self.image_norm = nn.LayerNorm(dim)
-        self.layers = nn.ModuleList(DecoderLayer(dim, heads) for _ in range(depth))
-        self.norm = nn.LayerNorm(dim)  # shared by every layer's output, as DETR's decoder norm
-        self.box_head = mmdit.MLP(dim, dim, 4)
-        self.conf_head = nn.Linear(dim, 1)
-        # a fresh head predicts INITIAL_BOX everywhere (sane boxes, finite GIoU gradients from step 0)
-        nn.init.zeros_(self.box_head.fc2.weight)
-        with torch.no_grad():
-            self.box_head.fc2.bias.copy_(torch.logit(torch.tensor(INITIAL_BOX)))
-
-    def forward(self, image_features, queries, query_mask):
-        (B, N, D), K = queries.shape, self.candidates
-        queries = queries + self.slot_embed[:N].to(queries.dtype)
-        if K > 1:
-            queries = (queries[:, :, None] + self.candidate_embed.to(queries.dtype)).flatten(1, 2)  # (B, N*K, D)
-        image_features = self.image_norm(image_features)
-        # a query reads the valid queries and itself, so a padding slot never feeds a real one and
-        # no row of the softmax is empty
-        valid = query_mask.repeat_interleave(K, dim=1)  # (B, N*K)
-        itself = torch.eye(N * K, dtype=torch.bool, device=queries.device)
-        self_mask = (valid[:, None, :] | itself)[:, None]  # (B, 1, N*K, N*K)
-        boxes, logits = [], []
-        for layer in self.layers:
-            queries = layer(queries, image_features, self_mask)
-            # the output heads in float32 even under bf16 autocast: bf16 would round a coordinate
-            # near 0.5 to steps of 0.002, a pixel's fraction at R = 128, which the L1 loss would feel
-            with torch.autocast(queries.device.type, enabled=False):
-                h = self.norm(queries.float())
-                boxes.append(self.box_head(h).sigmoid().view(B, N, K, 4))
-                logits.append(self.conf_head(h).view(B, N, K))
-        boxes, logits = torch.stack(boxes), torch.stack(logits)  # (L, B, N, K, 4), (L, B, N, K)
-        best = logits.argmax(dim=-1, keepdim=True)  # (L, B, N, 1)
-        return {"candidate_boxes": boxes, "candidate_logits": logits,
-                "boxes": boxes.gather(3, best[..., None].expand(-1, -1, -1, -1, 4)).squeeze(3),
-                "logits": logits.gather(3, best).squeeze(3)}
 
 
 def decode_predictions(outputs):
@@ -384,13 +93,14 @@ def backbone_norm(channels, **factory_kwargs):
 class StandaloneDetector(nn.Module):
     """The judge: timm CNN -> 1x1 projection to D + 2-D sin-cos positions (image tokens); the phrase
     encoder's pooled output (queries); GroundingHead. vocab_size, when given, overrides the config's."""
+    config_class = DetectorConfig  # what runtime.load_model builds from a checkpoint's config.json
 
     def __init__(self, config: DetectorConfig, vocab_size=None):
         super().__init__()
         if vocab_size is not None:
             config = replace(config, vocab_size=vocab_size)
-        # imported here, not at the top: every script imports model.py, hence this file, and timm
-        # (with torchvision) would add ~1.5 s to each start
+        # imported here, not at the top: every training script imports this file (load_grounder, the
+        # metrics), and timm (with torchvision) would add ~1.5 s to each start
         import timm
         self.config = config
         D = config.dim
@@ -402,7 +112,7 @@ class StandaloneDetector(nn.Module):
         self.input_proj = nn.Conv2d(channels, D, 1)
         self.register_buffer("pos_embed", mmdit.sincos_pos_embed_2d(self.grid, D)[None], persistent=False)
         self.text = mmdit.TextEncoder(config.vocab_size, config.max_phrase_len, D, config.text_depth, config.heads)
-        self.head = GroundingHead(D, config.depth, config.heads, config.max_instances)
+        self.head = mmdit.GroundingHead(D, config.depth, config.heads, config.max_instances)
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
@@ -498,12 +208,10 @@ def grounding_metrics(pred_boxes_xyxy, pred_scores, scenes):
         truths = np.array([inst["box"] for inst in scene["instances"]], np.float64)
         phrases = [inst["phrase"] for inst in scene["instances"]]
         iou = _iou_matrix(boxes, truths)  # (n, n): prediction of slot j vs truth of instance j'
-        per_instance = np.diag(iou).copy()
-        for phrase in set(phrases):
-            members = np.array([j for j, p in enumerate(phrases) if p == phrase])
-            if len(members) > 1:
-                rows, cols = linear_sum_assignment(iou[np.ix_(members, members)], maximize=True)
-                per_instance[members[cols]] = iou[members[rows], members[cols]]
+        groups = np.array([phrases.index(p) for p in phrases])  # matcher.phrase_groups, on strings
+        target = assign_within_groups(iou, groups, maximize=True)
+        per_instance = np.zeros(n)
+        per_instance[target] = iou[np.arange(n), target]  # each truth's IoU with the prediction assigned to it
         ious += per_instance.tolist()
         ground_truth += [(i, phrase, truths[j]) for j, phrase in enumerate(phrases)]
         detections += [(i, phrase, boxes[j], float(scores[j])) for j, phrase in enumerate(phrases)]
@@ -627,7 +335,7 @@ def train(argv):
                                   max_instances=cfg.max_instances)
     model = StandaloneDetector(model_config).to(dev)
     ema = copy.deepcopy(model).eval().requires_grad_(False) if cfg.ema_decay > 0 else model
-    criterion = GroundingCriterion()
+    criterion = objectives.GroundingCriterion()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                                   weight_decay=cfg.weight_decay, fused=dev.type == "cuda")
     step = 0
@@ -749,7 +457,8 @@ def load_grounder(ckpt_path, device="cpu", which="ema"):
     if saved["kind"] == "EchoGen" and not saved["model"].get("grounding", True):
         runtime.fail(f"checkpoint '{ckpt_path}': a generation-only EchoGen (config grounding = false), it has no "
                      f"grounding head to ground phrases with")
-    model, tokenizer, _ = runtime.load_model(ckpt_path, which, device, kind=saved["kind"])
+    model, tokenizer, _ = runtime.load_model(ckpt_path, {"EchoGen": mmdit.EchoGen, "StandaloneDetector": StandaloneDetector}[saved["kind"]],
+                                            which, device)
     return Grounder(saved["kind"], model, tokenizer, model.config.res, model.config.max_instances, device)
 
 

@@ -51,6 +51,7 @@ import detector
 import rewards
 import runtime
 import sampler
+from model import EchoGen
 
 
 def is_leakage_scene(scene):
@@ -254,7 +255,7 @@ def evaluate_checkpoint(ckpt, sets, n=64, steps=25, cfg=3.0, shift=1.0, device="
     """evaluate() of a checkpoint's EMA weights on each ShapeScenes set (n scenes, seed 0), with a
     tqdm line. out_dir: results.json ({"ckpt", "step", the settings, "sets": {set: metrics}}),
     table.md and grids/{set}.png. -> the results dict."""
-    model, tokenizer, saved = runtime.load_model(ckpt, "ema", device)
+    model, tokenizer, saved = runtime.load_model(ckpt, EchoGen, "ema", device)
     for kind in sets:
         if kind not in data.SCENE_SETS:
             runtime.fail(f"--sets: unknown set '{kind}' ({', '.join(data.SCENE_SETS)})")
@@ -367,7 +368,7 @@ def main():
     if args.agreement:
         if dataset != "shapescenes" or not saved["model"].get("grounding"):
             runtime.fail(f"--agreement: needs a ShapeScenes model with a grounding head, got '{args.ckpt}'")
-        model, tokenizer, _ = runtime.load_model(args.ckpt, "ema", device)
+        model, tokenizer, _ = runtime.load_model(args.ckpt, EchoGen, "ema", device)
         result = reward_agreement(model, tokenizer, args.agreement)
         lines = ["| reward | in-group correlation with the checker | correlation over all samples | tied groups |",
                  "| --- | --- | --- | --- |"]
@@ -388,7 +389,7 @@ def main():
         if args.out:
             runtime.fail(f"--out: the table, JSON and grids are written for ShapeScenes sets; on real data ({dataset}) "
                          "eval.py prints one JSON line")
-        model, tokenizer, saved = runtime.load_model(args.ckpt, "ema", device)
+        model, tokenizer, saved = runtime.load_model(args.ckpt, EchoGen, "ema", device)
         judge = detector.load_grounder(args.judge, device) if args.judge else None
         try:
             _, _, scenes = data.load_dataset(dataset, model.config.res, model.config.max_instances,

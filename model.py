@@ -6,7 +6,9 @@ rectified-flow velocity v = eps - x0 (docs/design.md, "The model").
 Built bottom-up, one screen per class, as nanoGPT's model.py is:
   RMSNorm, modulate, sinusoidal/Fourier embeddings  ->  TextEncoder  ->  LayoutEmbedding
   ->  LayoutMap  ->  IDM (CAS, L_dis)  ->  MMDiTBlock (two streams, one joint attention)  ->  FinalLayer, PixelHead
-  ->  ModelConfig, EchoGen.
+  ->  GroundingHead (a DETR decoder over the image tokens)  ->  ModelConfig, EchoGen.
+It imports torch and nothing of this repository, so it can be copied into another project alone;
+the losses that train it are in objectives.py.
 
 Two streams, as in SD3: the image stream (patch tokens) and the condition stream (caption
 tokens followed by layout tokens). Each stream has its own weights; both meet in one
@@ -15,14 +17,12 @@ pooled caption makes a fresh model the identity on its residual streams.
 """
 
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import detector  # the grounding head; a module import, since detector.py imports model.py too
 
 # -----------------------------------------------------------------------------
 # small pieces
@@ -458,6 +458,110 @@ def box_attention_bias(attn_mask, box_coverage, instance_mask, n_caption, streng
 
 
 # -----------------------------------------------------------------------------
+# the grounding head: a phrase-conditioned DETR decoder over the image tokens
+
+
+class Attention(nn.Module):
+    """Multi-head attention of queries over a context (the queries themselves for self-attention),
+    RMS qk-norm as in the MM-DiT, one F.scaled_dot_product_attention call."""
+
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.q_norm = RMSNorm(dim // heads)
+        self.k_norm = RMSNorm(dim // heads)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, context, attn_mask=None):
+        B, N, D = x.shape
+        q = self.q(x).view(B, N, self.heads, D // self.heads).transpose(1, 2)  # (B, H, N, Dh)
+        kv = self.kv(context).view(B, context.shape[1], 2, self.heads, D // self.heads)
+        k, v = kv.permute(2, 0, 3, 1, 4)  # 2 x (B, H, P, Dh)
+        out = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v, attn_mask=attn_mask)
+        return self.proj(out.transpose(1, 2).flatten(2))  # (B, N, D)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm DETR decoder layer: self-attention among the queries (how two queries of one phrase
+    agree on who takes which object), cross-attention to the image, MLP."""
+
+    def __init__(self, dim, heads, mlp_ratio=4.0):
+        super().__init__()
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.self_attn = Attention(dim, heads)
+        self.cross_attn = Attention(dim, heads)
+        self.mlp = MLP(dim, int(dim * mlp_ratio))
+
+    def forward(self, queries, image_features, self_mask):
+        h = self.norm1(queries)
+        queries = queries + self.self_attn(h, h, self_mask)
+        queries = queries + self.cross_attn(self.norm2(queries), image_features)
+        return queries + self.mlp(self.norm3(queries))
+
+
+INITIAL_BOX = (0.5, 0.5, 0.3, 0.3)  # cxcywh of a fresh head's boxes: centred, the world's typical size
+
+
+class GroundingHead(nn.Module):
+    """image_features (B, P, D) (position-embedded by the caller), queries (B, N, D) (one per phrase
+    instance), query_mask (B, N) bool -> {"candidate_boxes": (L, B, N, K, 4) cxcywh in [0, 1],
+    "candidate_logits": (L, B, N, K), "boxes": (L, B, N, 4), "logits": (L, B, N)}, one entry per
+    decoder layer; the last is the prediction, the others feed the auxiliary losses.
+
+    Each query proposes K = `candidates` boxes, each with its confidence, and its answer ("boxes",
+    "logits") is its most confident candidate. With one box per query, a query unsure which of two
+    objects is its own is pulled by the L1 and GIoU losses to a box between them (the regression
+    mean); with several, one candidate can sit on each and the confidence chooses, as DETR's many
+    queries per image do. K = 1 is DETR's one query per instance."""
+
+    def __init__(self, dim, depth=3, heads=4, max_instances=8, candidates=1):
+        super().__init__()
+        self.candidates = candidates
+        # a learned embedding per slot: two queries of the same phrase would otherwise be identical
+        # and could only ever predict the same box (symmetry breaking); the same for a slot's candidates
+        self.slot_embed = nn.Parameter(torch.randn(max_instances, dim) * 0.02)
+        if candidates > 1:
+            self.candidate_embed = nn.Parameter(torch.randn(candidates, dim) * 0.02)
+        self.image_norm = nn.LayerNorm(dim)
+        self.layers = nn.ModuleList(DecoderLayer(dim, heads) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)  # shared by every layer's output, as DETR's decoder norm
+        self.box_head = MLP(dim, dim, 4)
+        self.conf_head = nn.Linear(dim, 1)
+        # a fresh head predicts INITIAL_BOX everywhere (sane boxes, finite GIoU gradients from step 0)
+        nn.init.zeros_(self.box_head.fc2.weight)
+        with torch.no_grad():
+            self.box_head.fc2.bias.copy_(torch.logit(torch.tensor(INITIAL_BOX)))
+
+    def forward(self, image_features, queries, query_mask):
+        (B, N, D), K = queries.shape, self.candidates
+        queries = queries + self.slot_embed[:N].to(queries.dtype)
+        if K > 1:
+            queries = (queries[:, :, None] + self.candidate_embed.to(queries.dtype)).flatten(1, 2)  # (B, N*K, D)
+        image_features = self.image_norm(image_features)
+        # a query reads the valid queries and itself, so a padding slot never feeds a real one and
+        # no row of the softmax is empty
+        valid = query_mask.repeat_interleave(K, dim=1)  # (B, N*K)
+        itself = torch.eye(N * K, dtype=torch.bool, device=queries.device)
+        self_mask = (valid[:, None, :] | itself)[:, None]  # (B, 1, N*K, N*K)
+        boxes, logits = [], []
+        for layer in self.layers:
+            queries = layer(queries, image_features, self_mask)
+            # the output heads in float32 even under bf16 autocast: bf16 would round a coordinate
+            # near 0.5 to steps of 0.002, a pixel's fraction at R = 128, which the L1 loss would feel
+            with torch.autocast(queries.device.type, enabled=False):
+                h = self.norm(queries.float())
+                boxes.append(self.box_head(h).sigmoid().view(B, N, K, 4))
+                logits.append(self.conf_head(h).view(B, N, K))
+        boxes, logits = torch.stack(boxes), torch.stack(logits)  # (L, B, N, K, 4), (L, B, N, K)
+        best = logits.argmax(dim=-1, keepdim=True)  # (L, B, N, 1)
+        return {"candidate_boxes": boxes, "candidate_logits": logits,
+                "boxes": boxes.gather(3, best[..., None].expand(-1, -1, -1, -1, 4)).squeeze(3),
+                "logits": logits.gather(3, best).squeeze(3)}
+
+
+# -----------------------------------------------------------------------------
 # the model
 
 
@@ -492,6 +596,8 @@ class ModelConfig:
 
 
 class EchoGen(nn.Module):
+    config_class = ModelConfig  # what runtime.load_model builds from a checkpoint's config.json
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         assert config.res % config.patch == 0, f"res {config.res} is not a multiple of patch {config.patch}"
@@ -522,7 +628,7 @@ class EchoGen(nn.Module):
                                         config.channels)
         if config.grounding:
             self.task_embed = nn.Embedding(2, D)  # 0 = generation, 1 = grounding
-            self.grounding_head = detector.GroundingHead(D, config.ground_depth, config.heads, config.max_instances,
+            self.grounding_head = GroundingHead(D, config.ground_depth, config.heads, config.max_instances,
                                                        config.ground_candidates)
         self._init_weights()
 
@@ -709,166 +815,3 @@ class EchoGen(nn.Module):
         cond = self.encode_conditions(caption_ids, phrase_ids, None, instance_mask, task)
         image_tokens, queries, _, _ = self.run_blocks(images, torch.zeros(B, device=images.device), cond)
         return self.grounding_head(image_tokens, queries, instance_mask)
-
-
-# -----------------------------------------------------------------------------
-# the generation objective
-
-
-def sample_timesteps(n, generator):
-    """Logit-normal t (SD3): t = sigmoid(u), u ~ N(0, 1); puts most samples at mid noise."""
-    return torch.sigmoid(torch.randn(n, generator=generator))
-
-
-def interpolate(x0, noise, t):
-    """x_t = (1 - t) x0 + t eps: the straight path of rectified flow."""
-    t_ = t.view(-1, 1, 1, 1)
-    return (1 - t_) * x0 + t_ * noise
-
-
-def flow_loss(v, x0, noise, row_weight=None):
-    """MSE to the velocity target eps - x0 (docs/design.md), each row weighted by row_weight (B,) if given.
-    The mean runs over all B rows, not over the weights' sum, so that a batch split across ranks
-    averages to the same loss as the whole batch on one rank."""
-    per_row = (v.float() - (noise - x0).float()).pow(2).flatten(1).mean(1)  # (B,)
-    return per_row.mean() if row_weight is None else (per_row * row_weight).mean()
-
-
-# -----------------------------------------------------------------------------
-# stage 1, PMTP: both tasks in every batch (used by train_pretrain.py, and kept on in train_joint.py)
-
-
-def sample_pmtp_draws(n, ground_every, ground_clean, ground_t_max, cond_drop, generator):
-    """The random draws of n samples: task (n,) 0 / 1, t (n,), CFG drop (n,) bool.
-    Every ground_every-th sample grounds (by position, so any split of the batch keeps the roles);
-    a share ground_clean of those read the clean image (t = 0), the rest t ~ U[0, ground_t_max],
-    since grounding from x_t only makes sense at low noise. Generation samples: logit-normal t."""
-    task = torch.zeros(n, dtype=torch.long)
-    if ground_every:
-        task[ground_every - 1::ground_every] = 1
-    t_generation = sample_timesteps(n, generator)
-    clean = torch.rand(n, generator=generator) < ground_clean
-    t_grounding = torch.where(clean, 0.0, torch.rand(n, generator=generator) * ground_t_max)
-    drop = torch.rand(n, generator=generator) < cond_drop
-    return task, torch.where(task == 1, t_grounding, t_generation), drop
-
-
-def pmtp_inputs(batch, task, t, noise, drop):
-    """x_t and the conditions of a stage-1 batch. A dropped generation sample loses caption and layout
-    together (CFG); a grounding sample only its caption (its layout tokens are hidden anyway)."""
-    caption_ids, _ = EchoGen.drop_conditions(batch["caption_ids"], batch["instance_mask"], drop)
-    instance_mask = batch["instance_mask"] & ~(drop & (task == 0))[:, None]
-    return interpolate(batch["images"], noise, t), caption_ids, instance_mask
-
-
-def pmtp_terms(criterion, v, grounding, batch, task, t, noise, instance_mask, ground_weight):
-    """The stage-1 loss from the model's outputs, and its parts for the log. Clean grounding samples
-    (t = 0) carry no flow loss; hard negative slots (batch["negative"], data.add_hard_negatives, on
-    grounding rows only) train the confidence towards 0."""
-    generation = flow_loss(v, batch["images"], noise, row_weight=((task == 0) | (t > 0)).float())
-    ground = criterion(grounding, batch["boxes"], batch["phrase_ids"], instance_mask & (task == 1)[:, None],
-                       batch.get("negative"))
-    parts = {"flow": generation.item(), "ground": ground["loss"].item(),
-             **{f"ground_{k}": ground[k].item() for k in ("l1", "giou", "conf")}}
-    return generation + ground_weight * ground["loss"], parts
-
-
-def idm_request(idm_weight):
-    """The forward's keyword arguments: L_dis is asked for only when it is weighed (a model with IDM)."""
-    return {} if idm_weight is None else {"return_idm": True}
-
-
-def add_idm_term(loss, parts, idm_loss, idm_weight):
-    """loss + idm_weight * L_dis, with L_dis in the log's parts as "idm"; unchanged without IDM (None)."""
-    if idm_weight is None:
-        return loss, parts
-    return loss + idm_weight * idm_loss, {**parts, "idm": idm_loss.item()}
-
-
-def pmtp_loss(model, criterion, batch, task, t, noise, drop, ground_weight, idm_weight=None):
-    """The summed stage-1 loss of a batch and its parts for the log. criterion None: generation only.
-    idm_weight: None for a model without IDM; else the weight of L_dis (docs/design.md, "The model") in the sum."""
-    x_t, caption_ids, instance_mask = pmtp_inputs(batch, task, t, noise, drop)
-    inputs = (x_t, t, caption_ids, batch["phrase_ids"], batch["boxes"], instance_mask)
-    if criterion is None:
-        outputs = model(*inputs, **idm_request(idm_weight))
-        v, idm_loss = outputs if idm_weight is not None else (outputs, None)
-        generation = flow_loss(v, batch["images"], noise)
-        return add_idm_term(generation, {"flow": generation.item()}, idm_loss, idm_weight)
-    v, grounding, *idm_loss = model(*inputs, task, **idm_request(idm_weight))
-    loss, parts = pmtp_terms(criterion, v, grounding, batch, task, t, noise, instance_mask, ground_weight)
-    return add_idm_term(loss, parts, idm_loss[0] if idm_loss else None, idm_weight)
-
-
-# -----------------------------------------------------------------------------
-# stage 2, DJO: the two tasks chained through each other (used by train_joint.py)
-
-
-@contextmanager
-def frozen_parameters(model):
-    """Calls inside do not track the parameters: a loss computed there reaches them only through its
-    inputs. Autograd records requires_grad when an op runs, so graphs built before are untouched."""
-    flags = [p.requires_grad for p in model.parameters()]
-    model.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, flag in zip(model.parameters(), flags):
-            p.requires_grad_(flag)
-
-
-def djo_loss(model, raw_model, criterion, cycle_criterion, batch, task, t, noise, drop, t_cycle, t_recon,
-             ground_weight, cycle_weight, recon_weight, detach_boxes=True, idm_weight=None, recon_min_conf=0.0):
-    """Stage 1's loss plus DJO's two chains, all rows in ONE forward of `model` (DDP allows one
-    forward per backward; raw_model is the same module unwrapped, for the calls outside it).
-    - layout -> image -> layout: the generation samples again at low noise t_cycle; the one-step
-      estimate x0_hat = x_t - t v_hat is grounded by the model's own head with frozen parameters, and
-      L1 + GIoU against the asked layout reach the generator through x0_hat alone;
-    - image -> layout -> image: the grounding samples' real images are grounded, and the predicted
-      boxes (detached unless detach_boxes is False) condition the flow loss on those same images at t_recon.
-      Only images whose every box the head trusts (confidence, its estimate of the box's IoU, >=
-      recon_min_conf) count: a wrong box would teach the generator to draw objects away from their boxes.
-    Hard negative phrases (batch["negative"], data.add_hard_negatives on the grounding rows) reach stage
-    1's grounding loss only. idm_weight: None for a model without IDM; else L_dis of the packed forward
-    (over the instances of all its generation rows, the reconstruction rows' predicted boxes included) joins the sum.
-    -> total, terms: the loss tensors "stage1", "cycle", "recon" (and "idm"), the share of trusted
-    reconstruction images "recon_trusted" and stage 1's parts (floats)."""
-    x0, B = batch["images"], task.shape[0]
-    gen, grd = task == 0, task == 1
-    x_t, caption_ids, instance_mask = pmtp_inputs(batch, task, t, noise, drop)
-    cycle_x_t = interpolate(x0[gen], noise[gen], t_cycle[gen])
-    # hard negative slots (grounding rows only) train the confidence of stage 1's grounding; the image ->
-    # layout -> image chain must not see them: a negative's box would ask the generator for an absent object
-    present = batch["instance_mask"] if "negative" not in batch else batch["instance_mask"] & ~batch["negative"]
-    with torch.set_grad_enabled(torch.is_grad_enabled() and not detach_boxes):
-        grounded = raw_model.ground(x0[grd], batch["caption_ids"][grd], batch["phrase_ids"][grd], present[grd])
-    predicted_boxes = detector.box_cxcywh_to_xyxy(grounded["boxes"][-1]).clamp(0, 1)
-    trusted = ((grounded["logits"][-1].detach().sigmoid() >= recon_min_conf) | ~present[grd]).all(1).float()  # (n_grd,)
-    recon_x_t = interpolate(x0[grd], noise[grd], t_recon[grd])
-
-    def rows(full, of_gen, of_grd):  # the packed batch: [stage 1 | cycle | reconstruction]
-        return torch.cat([full, of_gen, of_grd])
-
-    v, grounding, *idm_loss = model(rows(x_t, cycle_x_t, recon_x_t), rows(t, t_cycle[gen], t_recon[grd]),
-                             rows(caption_ids, batch["caption_ids"][gen], batch["caption_ids"][grd]),
-                             rows(batch["phrase_ids"], batch["phrase_ids"][gen], batch["phrase_ids"][grd]),
-                             rows(batch["boxes"], batch["boxes"][gen], predicted_boxes.to(batch["boxes"].dtype)),
-                             rows(instance_mask, batch["instance_mask"][gen], present[grd]),
-                             rows(task, torch.zeros_like(task[gen]), torch.zeros_like(task[grd])),
-                             **idm_request(idm_weight))
-    n_gen = int(gen.sum())
-    stage1, parts = pmtp_terms(criterion, v[:B], {k: g[:, :B] for k, g in grounding.items()}, batch, task, t,
-                               noise, instance_mask, ground_weight)
-    x0_hat = cycle_x_t - t_cycle[gen].view(-1, 1, 1, 1) * v[B:B + n_gen].float()
-    with frozen_parameters(raw_model):
-        cycle_grounding = raw_model.ground(x0_hat, batch["caption_ids"][gen], batch["phrase_ids"][gen],
-                                           batch["instance_mask"][gen])
-    cycle = cycle_criterion(cycle_grounding, batch["boxes"][gen], batch["phrase_ids"][gen],
-                            batch["instance_mask"][gen])["loss"]
-    recon = flow_loss(v[B + n_gen:], x0[grd], noise[grd], row_weight=trusted)
-    terms = {"stage1": stage1, "cycle": cycle, "recon": recon, "recon_trusted": trusted.mean().item(), **parts}
-    total = stage1 + cycle_weight * cycle + recon_weight * recon
-    if idm_weight is not None:
-        terms["idm"] = idm_loss[0]
-        total = total + idm_weight * idm_loss[0]
-    return total, terms

@@ -21,9 +21,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from scipy.optimize import linear_sum_assignment
 
-import detector
+from boxes import box_iou
+from matcher import assign_within_groups, phrase_groups
 
 # -----------------------------------------------------------------------------
 # the layout reward
@@ -33,20 +33,17 @@ import detector
 def matched_ious(pred_boxes, target_boxes, phrase_ids, instance_mask):
     """IoU of each asked instance with the prediction matched to it: pred_boxes, target_boxes (B, N, 4)
     xyxy, phrase_ids (B, N, Lp), instance_mask (B, N) -> (B, N), 0 on empty slots. Within a group of
-    slots that share a phrase (detector.phrase_groups) the assignment maximizes the total IoU."""
+    slots that share a phrase (matcher.phrase_groups) the assignment maximizes the total IoU."""
     # (B, N, N): pred slot x asked slot; empty slots hold zero boxes, whose 0 / 0 IoU is NaN
-    iou = detector.box_iou(pred_boxes.float(), target_boxes.float())[0].nan_to_num(0.0)
-    per_instance = torch.diagonal(iou, dim1=1, dim2=2).clone()  # (B, N): each slot with its own box
-    groups = detector.phrase_groups(phrase_ids, instance_mask).cpu().numpy()
+    iou = box_iou(pred_boxes.float(), target_boxes.float())[0].nan_to_num(0.0)
+    groups = phrase_groups(phrase_ids, instance_mask).cpu().numpy()
     iou_np = iou.cpu().numpy()
+    per_instance = np.zeros(groups.shape, np.float32)  # (B, N): each asked box's IoU with its prediction
     for b in range(groups.shape[0]):
-        for group in np.unique(groups[b][groups[b] >= 0]):
-            members = np.flatnonzero(groups[b] == group)
-            if len(members) > 1:  # a repeated phrase: its predictions may trade their asked boxes
-                rows, cols = linear_sum_assignment(iou_np[b][np.ix_(members, members)], maximize=True)
-                per_instance[b, torch.from_numpy(members[cols])] = torch.from_numpy(
-                    iou_np[b][members[rows], members[cols]]).to(per_instance)
-    return torch.where(instance_mask, per_instance, torch.zeros_like(per_instance))
+        slots = np.flatnonzero(groups[b] >= 0)
+        target = assign_within_groups(iou_np[b], groups[b], maximize=True)[slots]
+        per_instance[b, target] = iou_np[b][slots, target]
+    return torch.from_numpy(per_instance).to(pred_boxes.device)
 
 
 @torch.no_grad()

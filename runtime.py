@@ -33,7 +33,6 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
-import model as mmdit  # a module import: model -> detector -> data -> runtime is a cycle, resolved at call time
 
 
 def fail(message):
@@ -411,16 +410,10 @@ def read_checkpoint_config(path):
     return saved
 
 
-def model_classes(kind):
-    """(config class, model class) of a checkpoint kind."""
-    import detector  # at call time: detector imports this module
-    return {"EchoGen": (mmdit.ModelConfig, mmdit.EchoGen),
-            "StandaloneDetector": (detector.DetectorConfig, detector.StandaloneDetector)}[kind]
-
-
-def build_model(path, saved):
-    """The model that the checkpoint config `saved` (of the folder `path`) describes, with fresh weights."""
-    config_class, model_class = model_classes(saved["kind"])
+def build_model(path, saved, model_class):
+    """The model_class (EchoGen, StandaloneDetector: each names its config dataclass as config_class)
+    that the checkpoint config `saved` (of the folder `path`) describes, with fresh weights."""
+    config_class = model_class.config_class
     unknown = sorted(set(saved["model"]) - {f.name for f in fields(config_class)})
     if unknown:
         fail(f"checkpoint '{path}': model config has unknown field '{unknown[0]}' (made by another version?)")
@@ -467,18 +460,18 @@ def check_weights_fit(path, which, weights, model):
                  f"the config makes it {list(tensor.shape)})")
 
 
-def load_weights(path, which="ema"):
-    """The `which` ("model" or "ema") weights of a checkpoint folder, checked against the model that its
-    own config.json describes."""
+def load_weights(path, which, model_class):
+    """The `which` ("model" or "ema") weights of a checkpoint folder, checked against the model_class
+    that its own config.json describes."""
     weights = read_weights(path, which)
-    check_weights_fit(path, which, weights, build_model(path, read_checkpoint_config(path)))
+    check_weights_fit(path, which, weights, build_model(path, read_checkpoint_config(path), model_class))
     return weights
 
 
 def load_into(module, path, which):
     """load_weights into module; weights that do not fit it (a model of another config) stop with one line."""
     try:
-        module.load_state_dict(load_weights(path, which))
+        module.load_state_dict(load_weights(path, which, type(module)))
     except RuntimeError as e:  # load_state_dict's missing keys and size mismatches
         fail(f"checkpoint '{path}': {which}.safetensors does not fit this model ({one_line(e)})")
 
@@ -515,15 +508,16 @@ def load_tokenizer(path):
         fail(f"checkpoint '{path}': tokenizer.json is damaged ({one_line(e)})")
 
 
-def load_model(path, which="ema", device="cpu", kind="EchoGen"):
-    """A model ready for inference from a checkpoint folder: (model, tokenizer, saved config). kind: the
-    kind the caller needs, "EchoGen" or "StandaloneDetector"; a checkpoint of another is refused."""
+def load_model(path, model_class, which="ema", device="cpu"):
+    """A model ready for inference from a checkpoint folder: (model, tokenizer, saved config).
+    model_class: the class the caller needs (model.EchoGen, detector.StandaloneDetector); a checkpoint
+    of another kind is refused."""
     path = checkpoint_folder(path)  # wherever a kill inside a save left the newest complete one
     saved = read_checkpoint_config(path)
-    if saved["kind"] != kind:
-        fail(f"checkpoint '{path}': holds a model of kind {saved['kind']}, this command needs a {kind}")
+    if saved["kind"] != model_class.__name__:
+        fail(f"checkpoint '{path}': holds a model of kind {saved['kind']}, this command needs a {model_class.__name__}")
     tokenizer = load_tokenizer(path)
-    model = build_model(path, saved)
+    model = build_model(path, saved, model_class)
     weights = read_weights(path, which)
     check_weights_fit(path, which, weights, model)
     model.load_state_dict(weights)

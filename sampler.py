@@ -20,7 +20,6 @@ import math
 import os
 from typing import NamedTuple, Optional
 
-import numpy as np
 import torch
 
 import data
@@ -272,7 +271,7 @@ def main():
     args = parser.parse_args()
     runtime.check_output_folder("--out", args.out)
     device = runtime.resolve_device(args.device)
-    model, tokenizer, _ = runtime.load_model(args.ckpt, "ema", device)
+    model, tokenizer, _ = runtime.load_model(args.ckpt, mmdit.EchoGen, "ema", device)
     try:
         scenes = data.read_layouts(args.layouts, tokenizer, model.config.max_instances)
     except data.LayoutError as e:

@@ -62,7 +62,9 @@ import detector
 import eval as evaluation  # eval.py; renamed so as not to shadow the builtin
 import rewards
 import runtime
+import objectives
 import sampler
+from model import EchoGen
 
 # -----------------------------------------------------------------------------
 # config
@@ -169,7 +171,7 @@ reference_path = saved["train"].get("rl_reference", source) if init_from == "res
 config["rl_reference"] = reference_path  # saved with every checkpoint, so a resume finds its reference
 if ground_negatives == -1:
     config["ground_negatives"] = ground_negatives = saved["train"].get("ground_negatives", 0)
-model, tokenizer, _ = runtime.load_model(source, "model", dev)
+model, tokenizer, _ = runtime.load_model(source, EchoGen, "model", dev)
 model_config = model.config
 res, max_instances = model_config.res, model_config.max_instances
 idm_term = idm_weight if model_config.idm else None  # the weight of L_dis, None for a model without IDM
@@ -177,9 +179,9 @@ if not 1 <= min_objects <= max_objects <= min(max_instances, data.MAX_OBJECTS):
     runtime.fail(f"need 1 <= min_objects <= max_objects <= {min(max_instances, data.MAX_OBJECTS)} "
                  f"(the model's max_instances), got {min_objects}, {max_objects}")
 ema = copy.deepcopy(model).requires_grad_(False)
-ema.load_state_dict(runtime.load_weights(source, "ema"))
+ema.load_state_dict(runtime.load_weights(source, "ema", EchoGen))
 reference = copy.deepcopy(model).requires_grad_(False)
-reference.load_state_dict(runtime.load_weights(reference_path, "model"))
+reference.load_state_dict(runtime.load_weights(reference_path, "model", EchoGen))
 optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(beta1, beta2), weight_decay=weight_decay,
                               fused=dev.type == "cuda")
 step = runtime.load_train_state(source, model, ema, optimizer) if init_from == "resume" else 0
@@ -193,7 +195,7 @@ if algo == "ppo":
             critic.load_state_dict(state["critic"])
             critic_optimizer.load_state_dict(state["optimizer"])
         runtime.load_state_file(source, "critic.pt", restore_critic, " (a PPO resume needs its critic)")
-criterion = detector.GroundingCriterion()
+criterion = objectives.GroundingCriterion()
 
 # the reward's grounder: a frozen copy of the model's own head, or a fixed judge
 if reward_ckpt:

@@ -1,7 +1,7 @@
 """
 Stage 2 of EchoGen, DJO (dual joint optimization, docs/design.md "The three stages"): from a PMTP
 checkpoint, the two tasks are chained through each other so that each supervises the other
-(model.djo_loss), while the stage-1 losses stay on so that neither skill is forgotten:
+(objectives.djo_loss), while the stage-1 losses stay on so that neither skill is forgotten:
 - layout -> image -> layout: the one-step estimate x0_hat = x_t - t * v_hat of a generation sample
   is grounded by the model's own head and compared with the asked layout (L1 + GIoU after
   matching). The grounding pass runs with frozen parameters, so this loss trains the generator,
@@ -34,7 +34,9 @@ import data
 import detector
 import eval as evaluation  # eval.py; renamed so as not to shadow the builtin
 import runtime
-from model import djo_loss, sample_pmtp_draws, sample_timesteps
+import objectives
+from model import EchoGen
+from objectives import djo_loss, sample_pmtp_draws, sample_timesteps
 
 # -----------------------------------------------------------------------------
 # config
@@ -110,16 +112,16 @@ source = runtime.checkpoint_folder(ckpt_path) if init_from == "resume" else init
 saved = runtime.read_checkpoint_config(source)
 if saved["kind"] != "EchoGen" or not saved["model"].get("grounding"):
     runtime.fail(f"checkpoint '{source}': DJO needs an EchoGen model with a grounding head (a PMTP checkpoint)")
-model, tokenizer, _ = runtime.load_model(source, "model", dev)
+model, tokenizer, _ = runtime.load_model(source, EchoGen, "model", dev)
 model_config = model.config
 res, max_instances = model_config.res, model_config.max_instances
 ema = copy.deepcopy(model).eval().requires_grad_(False)
-ema.load_state_dict(runtime.load_weights(source, "ema"))
+ema.load_state_dict(runtime.load_weights(source, "ema", EchoGen))
 optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(beta1, beta2), weight_decay=weight_decay,
                               fused=dev.type == "cuda")
 step = runtime.load_train_state(source, model, ema, optimizer) if init_from == "resume" else 0
-criterion = detector.GroundingCriterion()
-cycle_criterion = detector.GroundingCriterion(weights={"l1": 5.0, "giou": 2.0, "conf": 0.0})
+criterion = objectives.GroundingCriterion()
+cycle_criterion = objectives.GroundingCriterion(weights={"l1": 5.0, "giou": 2.0, "conf": 0.0})
 
 # data, tokenized with the checkpoint's tokenizer: rank 0 prepares the cache once; the others wait and read it
 config["dataset"] = dataset = dataset or saved["train"].get("dataset", "shapescenes")

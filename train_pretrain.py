@@ -8,7 +8,7 @@ are summed with a weight.
 - grounding: every ground_every-th sample of the global batch; its layout tokens are hidden and
   its queries (phrase + "box unknown") must find the boxes in the image, either clean (t = 0, a
   share ground_clean of them) or at low noise (t ~ U[0, ground_t_max]: grounding from x_t only
-  makes sense there); DETR-style loss (detector.GroundingCriterion). Noisy grounding samples
+  makes sense there); DETR-style loss (objectives.GroundingCriterion). Noisy grounding samples
   still train the flow, conditioned on the caption alone; clean ones (t = 0) do not.
 --ground_every=0 trains the generation-only model (no grounding head), the baseline of PMTP.
 --idm=True adds I-DRUID's IDM to every block (model.IDM) and idm_weight * L_dis to the loss.
@@ -40,7 +40,9 @@ import data
 import detector
 import eval as evaluation  # eval.py; renamed so as not to shadow the builtin
 import runtime
-from model import EchoGen, ModelConfig, pmtp_loss, sample_pmtp_draws
+import objectives
+from model import EchoGen, ModelConfig
+from objectives import pmtp_loss, sample_pmtp_draws
 
 # -----------------------------------------------------------------------------
 # config: the tiny CPU config; config/gpu.py overrides it for R = 64
@@ -97,7 +99,7 @@ ground_negatives = -1  # hard negative phrases per grounding sample (data.add_ha
 ground_confusable = 0.5  # share of grounding samples drawn from scenes where two objects share a color
 #                         (data.confusable_scenes): a head that must see shapes, not only colors; 0 = none
 ground_depth = 2  # decoder layers of the grounding head
-ground_candidates = 1  # boxes each grounding query proposes, its answer the most confident (detector.GroundingHead)
+ground_candidates = 1  # boxes each grounding query proposes, its answer the most confident (model.GroundingHead)
 # IDM's disentangle constraint (only with idm = True)
 idm_weight = 0.1  # total loss += idm_weight * L_dis; L_dis = softplus(CAS(R+) - CAS(R-)) lies in [0.31, 1.31]
 ema_decay = 0.999
@@ -151,7 +153,7 @@ model_config = ModelConfig(res=res, patch=patch, dim=dim, depth=depth, heads=hea
                            box_attn_bias=box_attn_bias, layout_map=layout_map,
                            pixel_head=pixel_head, prediction=prediction)
 model = EchoGen(model_config).to(dev)
-criterion = detector.GroundingCriterion() if ground_every else None
+criterion = objectives.GroundingCriterion() if ground_every else None
 ema = copy.deepcopy(model).eval().requires_grad_(False)
 optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(beta1, beta2), weight_decay=weight_decay,
                               fused=dev.type == "cuda")
@@ -164,7 +166,7 @@ def warm_start(path):
     saved = runtime.read_checkpoint_config(path)
     runtime.check_same_model_config(path, {**saved["model"], "idm": idm}, model_config)
     for module, which in ((model, "model"), (ema, "ema")):
-        missing, unexpected = module.load_state_dict(runtime.load_weights(path, which), strict=False)
+        missing, unexpected = module.load_state_dict(runtime.load_weights(path, which, EchoGen), strict=False)
         if unexpected or any(".idm." not in key for key in missing):
             runtime.fail(f"checkpoint '{path}': its {which} weights do not fit this model "
                          f"(missing {missing[:2]}, unexpected {unexpected[:2]})")

@@ -355,7 +355,7 @@ def refusal(capsys, load, *args, **kwargs):
 
 def test_resume_without_ema_weights_is_refused_before_the_optimizer_is_touched(world, tmp_path, capsys):
     folder = damaged(world, tmp_path, remove("ema.safetensors"))
-    model, _, _ = runtime.load_model(str(ckpt(world)), "model")
+    model, _, _ = runtime.load_model(str(ckpt(world)), EchoGen, "model")
     optimizer = torch.optim.AdamW(model.parameters())
     line = refusal(capsys, runtime.load_train_state, str(folder), model, model, optimizer)
     assert "no ema.safetensors" in line and not optimizer.state
@@ -363,9 +363,9 @@ def test_resume_without_ema_weights_is_refused_before_the_optimizer_is_touched(w
 
 def test_loaders_refuse_a_checkpoint_of_another_kind(world, tmp_path, capsys):
     other = damaged(world, tmp_path, edit_config(lambda c: c.update(kind="Other")))
-    assert "kind 'Other' is none of EchoGen, StandaloneDetector" in refusal(capsys, runtime.load_model, str(other))
+    assert "kind 'Other' is none of EchoGen, StandaloneDetector" in refusal(capsys, runtime.load_model, str(other), EchoGen)
     assert "kind EchoGen, this command needs a StandaloneDetector" in refusal(
-        capsys, runtime.load_model, str(ckpt(world)), kind="StandaloneDetector")
+        capsys, runtime.load_model, str(ckpt(world)), detector.StandaloneDetector)
     assert "model config has field" in refusal(
         capsys, runtime.check_same_model_config, "x", {**vars(ModelConfig()), "backbone": "resnet18"}, ModelConfig())
     grounder = detector.load_grounder(str(ckpt(world)))  # the trained one has its grounding head

@@ -16,9 +16,12 @@ import torchvision.ops as tv
 
 import data
 import runtime
-from detector import (DetectorConfig, GroundingCriterion, GroundingHead, HungarianMatcher, StandaloneDetector,
-                      box_area, box_cxcywh_to_xyxy, box_iou, box_xyxy_to_cxcywh, coco_precision, decode_predictions,
-                      generalized_box_iou, grounding_metrics, load_grounder, phrase_groups, presence_confidence)
+from boxes import box_area, box_cxcywh_to_xyxy, box_iou, box_xyxy_to_cxcywh, generalized_box_iou
+from detector import (DetectorConfig, StandaloneDetector, coco_precision, decode_predictions, grounding_metrics,
+                      load_grounder, presence_confidence)
+from matcher import HungarianMatcher, phrase_groups
+from model import GroundingHead
+from objectives import GroundingCriterion
 from model import EchoGen, ModelConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -15,11 +15,11 @@ import torch
 import torch.nn.functional as F
 
 import data
-import detector
 import eval as evaluation
 import runtime
-from model import (EchoGen, IDM, ModelConfig, cas, disentangle_loss, djo_loss, patch_box_coverage, pmtp_loss,
-                   split_instance_features)
+import objectives
+from model import EchoGen, IDM, ModelConfig, cas, disentangle_loss, patch_box_coverage, split_instance_features
+from objectives import djo_loss, pmtp_loss
 from test_model import perturb_zero_inits
 from test_rl import MICRO_PRETRAIN, MICRO_RL, ROOT, run
 
@@ -281,12 +281,12 @@ def test_stage_losses_add_and_log_l_dis_only_with_a_weight():
     batch = dict(fixed_batch(B=4), images=torch.rand(4, 3, 16, 16) * 2 - 1)
     task, t = torch.tensor([0, 1, 0, 1]), torch.tensor([0.7, 0.0, 0.4, 0.2])
     noise, drop = torch.randn(4, 3, 16, 16), torch.zeros(4, dtype=torch.bool)
-    criterion = detector.GroundingCriterion()
+    criterion = objectives.GroundingCriterion()
     plain_loss, plain_parts = pmtp_loss(model, criterion, batch, task, t, noise, drop, 0.1)
     loss, parts = pmtp_loss(model, criterion, batch, task, t, noise, drop, 0.1, idm_weight=0.5)
     assert "idm" not in plain_parts and "idm" in parts
     assert loss.item() == pytest.approx(plain_loss.item() + 0.5 * parts["idm"], rel=1e-5)
-    cycle = detector.GroundingCriterion(weights={"l1": 5.0, "giou": 2.0, "conf": 0.0})
+    cycle = objectives.GroundingCriterion(weights={"l1": 5.0, "giou": 2.0, "conf": 0.0})
     args = (batch, task, t, noise, drop, torch.full((4,), 0.3), torch.full((4,), 0.5), 0.1, 0.1, 1.0, True)
     total, terms = djo_loss(model, model, criterion, cycle, *args, idm_weight=0.5)
     plain_total, plain_terms = djo_loss(model, model, criterion, cycle, *args)
@@ -299,7 +299,7 @@ def test_the_idm_switch_round_trips_through_a_checkpoint(tmp_path):
     model = perturb_zero_inits(EchoGen(WITH_IDM))
     optimizer = torch.optim.AdamW(model.parameters())
     runtime.save_checkpoint(str(tmp_path / "ckpt"), model, model, optimizer, data.build_tokenizer(), {}, 0)
-    loaded, _, saved = runtime.load_model(str(tmp_path / "ckpt"), "model")
+    loaded, _, saved = runtime.load_model(str(tmp_path / "ckpt"), EchoGen, "model")
     assert saved["model"]["idm"] is True and loaded.config == WITH_IDM
     for key, value in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key

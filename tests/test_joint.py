@@ -1,15 +1,15 @@
 """DJO: where each chained loss sends its gradient, that the chains learn, and exact resume."""
 
-import json
 
 import numpy as np
 import pytest
 import torch
 
 import data
-import detector
 import runtime
-from model import EchoGen, djo_loss
+import objectives
+from model import EchoGen
+from objectives import djo_loss
 from test_model import TINY, perturb_zero_inits, random_batch
 from test_train import losses, run, train, weights
 
@@ -29,8 +29,8 @@ def djo_terms(model, detach_boxes=True, negatives=False, recon_min_conf=0.0):
     task = torch.tensor([0, 1, 0, 1])
     t, t_cycle, t_recon = torch.tensor([0.7, 0.0, 0.4, 0.2]), torch.full((4,), 0.3), torch.full((4,), 0.5)
     noise, drop = torch.randn(4, 3, 16, 16), torch.zeros(4, dtype=torch.bool)
-    _, terms = djo_loss(model, model, detector.GroundingCriterion(),
-                        detector.GroundingCriterion(weights={"l1": 5.0, "giou": 2.0, "conf": 0.0}),
+    _, terms = djo_loss(model, model, objectives.GroundingCriterion(),
+                        objectives.GroundingCriterion(weights={"l1": 5.0, "giou": 2.0, "conf": 0.0}),
                         batch, task, t, noise, drop, t_cycle, t_recon, 0.1, 0.1, 1.0, detach_boxes,
                         recon_min_conf=recon_min_conf)
     return terms
@@ -108,15 +108,15 @@ def joint(tmp_path, ckpt, name, *extra, check=True):
 def chained_losses_on_fixed_draws(ckpt, cache_file):
     """The two chained losses of a checkpoint's weights on its 8 training scenes x 4 fixed draws of
     t and noise: the per-step losses of the log are too noisy to show a trend in a short run."""
-    model, _, _ = runtime.load_model(str(ckpt), "model")
+    model, _, _ = runtime.load_model(str(ckpt), EchoGen, "model")
     batch = data.SceneCache(str(cache_file)).batch(np.tile(np.arange(8), 4))
     g = torch.Generator().manual_seed(0)
     task = torch.tensor([0, 1] * 16)
     t, t_cycle, t_recon = torch.rand(32, generator=g), torch.rand(32, generator=g) * 0.5, torch.rand(32, generator=g)
     noise = torch.randn(32, 3, 32, 32, generator=g)
     with torch.no_grad():
-        _, terms = djo_loss(model, model, detector.GroundingCriterion(),
-                            detector.GroundingCriterion(weights={"l1": 5.0, "giou": 2.0, "conf": 0.0}), batch, task,
+        _, terms = djo_loss(model, model, objectives.GroundingCriterion(),
+                            objectives.GroundingCriterion(weights={"l1": 5.0, "giou": 2.0, "conf": 0.0}), batch, task,
                             t, noise, torch.zeros(32, dtype=torch.bool), t_cycle, t_recon, 0.1, 1.0, 1.0)
     return float(terms["cycle"]), float(terms["recon"])
 

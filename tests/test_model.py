@@ -7,10 +7,11 @@ import pytest
 import torch
 
 import data
-import detector
 import sampler
-from model import (X0_T_MIN, EchoGen, LayoutMap, ModelConfig, box_attention_bias, flow_loss, fourier_box_embedding,
-                   interpolate, patch_box_coverage, pmtp_loss, position_in_boxes)
+import objectives
+from model import (X0_T_MIN, EchoGen, LayoutMap, ModelConfig, box_attention_bias, fourier_box_embedding,
+                   patch_box_coverage, position_in_boxes)
+from objectives import flow_loss, interpolate, pmtp_loss
 
 TINY = ModelConfig(res=16, patch=2, dim=32, depth=2, heads=2, text_depth=1, vocab_size=20,
                    max_caption_len=10, max_phrase_len=4, max_instances=3)
@@ -281,7 +282,7 @@ def test_hard_negatives_on_grounding_rows_change_the_grounding_loss_only():
     negatives = data.add_hard_negatives(batch, tokenizer, 2, [[0, i] for i in range(4)], rows=task == 1)
     assert negatives["negative"][task == 1].any() and not negatives["negative"][task == 0].any()
     assert torch.equal(negatives["instance_mask"][task == 0], batch["instance_mask"][task == 0])
-    criterion = detector.GroundingCriterion()
+    criterion = objectives.GroundingCriterion()
     _, plain = pmtp_loss(model, criterion, batch, task, t, noise, drop, 0.1)
     _, with_negatives = pmtp_loss(model, criterion, negatives, task, t, noise, drop, 0.1)
     assert with_negatives["flow"] == pytest.approx(plain["flow"], abs=1e-6)

@@ -22,7 +22,7 @@ MICRO = ["--res=32", "--patch=8", "--dim=32", "--depth=2", "--heads=2", "--text_
 HARNESS = r"""
 import os, runpy, shutil, sys
 sys.path.insert(0, os.getcwd())
-import model, runtime
+import objectives, runtime
 
 instant, kill_step = os.environ.get("KILL_AT"), int(os.environ.get("KILL_STEP", -1))
 nan_steps = [int(s) for s in os.environ.get("NAN_STEPS", "").split(",") if s]
@@ -57,7 +57,7 @@ def killing_rmtree(path, *args, **kwargs):
         os._exit(137)
     rmtree(path, *args, **kwargs)
 
-pmtp_loss, calls = model.pmtp_loss, {"n": 0}
+pmtp_loss, calls = objectives.pmtp_loss, {"n": 0}
 
 def nan_loss(*args, **kwargs):
     loss, parts = pmtp_loss(*args, **kwargs)
@@ -65,7 +65,7 @@ def nan_loss(*args, **kwargs):
     return (loss * float("nan"), parts) if calls["n"] - 1 in nan_steps else (loss, parts)
 
 runtime.save_checkpoint, runtime.save_file, os.replace, shutil.rmtree = killing_save, killing_save_file, killing_replace, killing_rmtree
-model.pmtp_loss = nan_loss
+objectives.pmtp_loss = nan_loss
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
