@@ -19,7 +19,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import data
+import layouts
 import runtime
+import shapescenes
 import sampler
 import objectives
 from model import EchoGen, ModelConfig
@@ -90,11 +92,11 @@ def training_flops_per_step(step_loss):
 def main():
     dev = runtime.Dist(device).device
     torch.manual_seed(0)
-    tokenizer = data.build_tokenizer()
+    tokenizer = shapescenes.build_tokenizer()
     cache = data.load_or_prepare_cache(res, cache_scenes, 0, data_dir=data_dir, max_instances=max_instances)
     config = ModelConfig(res=res, patch=patch, dim=dim, depth=depth, heads=heads, text_depth=text_depth,
                          vocab_size=tokenizer.get_vocab_size(), max_instances=max_instances,
-                         max_caption_len=data.MAX_CAPTION_LEN, max_phrase_len=data.MAX_PHRASE_LEN,
+                         max_caption_len=layouts.MAX_CAPTION_LEN, max_phrase_len=layouts.MAX_PHRASE_LEN,
                          grounding=ground_every > 0, ground_depth=ground_depth,
                          ground_candidates=ground_candidates, idm=idm,
                          box_attn_bias=box_attn_bias, layout_map=layout_map,
@@ -136,11 +138,11 @@ def main():
             step_seconds += time.perf_counter() - tic
 
     model.eval()
-    scenes = data.make_scene_set("val", sample_batch, seed=0)
-    sampler.generate(model, scenes[:2], tokenizer, steps=2, cfg=cfg_scale)  # warm up (and compile)
+    scenes = shapescenes.make_scene_set("val", sample_batch, seed=0)
+    sampler.generate(model, scenes[:2], tokenizer, steps=2, cfg_scale=cfg_scale)  # warm up (and compile)
     synchronize(dev)
     tic = time.perf_counter()
-    sampler.generate(model, scenes, tokenizer, steps=sample_steps, cfg=cfg_scale, batch_size=sample_batch)
+    sampler.generate(model, scenes, tokenizer, steps=sample_steps, cfg_scale=cfg_scale, batch_size=sample_batch)
     synchronize(dev)
     sample_seconds = time.perf_counter() - tic
 

@@ -27,7 +27,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
 
-import eval as evaluation  # eval.py
+import evaluate
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -105,7 +105,7 @@ def main():
     parser.add_argument("--log", default="", help="only print the curve of this train_pretrain.py log.jsonl, or "
                         "plot a train_cycle_rl.py log.jsonl (reward and checker ISR) into --png")
     parser.add_argument("--png", default="", help="with a Cycle RL --log: the plot (default: reward.png beside the log)")
-    parser.add_argument("--sets", default="val,heldout,crowded", help="the final model's sets (eval.py --sets)")
+    parser.add_argument("--sets", default="val,heldout,crowded", help="the final model's sets (evaluate.py --sets)")
     parser.add_argument("--n", type=int, default=100, help="scenes per set of the final model (seed 0)")
     parser.add_argument("--steps", type=int, default=25, help="Euler steps of the final evaluation")
     parser.add_argument("--cfg", type=float, default=3.0, help="guidance scale of the final evaluation")
@@ -130,12 +130,12 @@ def main():
     train([*train_args, f"--max_steps={max_steps}", f"--lr_decay_steps={max_steps}", f"--eval_interval={every}",
            f"--ckpt_interval={every}", "--init_from=scratch"], run_dir)
     table = curve_table(read_log(log_path))
-    results = evaluation.evaluate_checkpoint(os.path.join(run_dir, "ckpt"), args.sets.split(","), args.n, args.steps,
+    results = evaluate.evaluate_checkpoint(os.path.join(run_dir, "ckpt"), args.sets.split(","), args.n, args.steps,
                                              args.cfg, out_dir=os.path.join(args.out_dir, "final"))
     command = " ".join(["python curve.py", f"--minutes={args.minutes:g}", f"--out_dir={args.out_dir}", *train_args])
     report = (f"`{command}` ({speed:.2f} steps/s measured)\n\n{table}\n"
-              f"{evaluation.checkpoint_table(results)}")
-    evaluation.write_text(os.path.join(args.out_dir, "curve.md"), report)
+              f"{evaluate.checkpoint_table(results)}")
+    evaluate.write_text(os.path.join(args.out_dir, "curve.md"), report)
     print("\n" + report, end="")
 
 

@@ -5,8 +5,8 @@ Grounding-DINO plays in I-DRUID: a timm CNN trained from scratch, its own phrase
 same phrase-conditioned decoder as the unified model (model.GroundingHead), trained on true renders
 only, so that it never sees a generated image and cannot share a generator's errors. Here too: the
 grounding metrics of docs/world.md (Acc@0.5 and mean IoU after a one-to-one match among repeated
-phrases, matcher.assign_within_groups) plus COCO-style AP over the scores, the judge's training, a
-Grounder that wraps either model for inference, and the predict CLI. Box operations live in
+phrases, matcher.assign_within_groups) plus COCO-style AP over the scores, the presence check of
+a confidence, a Grounder that wraps either model for inference, and the predict CLI. Box operations live in
 boxes.py, the matcher in matcher.py, the set loss in objectives.py (after DETR, Carion et al. 2020).
 
 Confidence: IoU-aware (as in IoU-aware RetinaNet / VarifocalNet). There are no classes to score,
@@ -15,17 +15,7 @@ IoU of its matched box with the truth: sigmoid(logit) estimates how well the box
 uses it as the "confidence" half of its reward. A slot flagged negative (its phrase is absent from
 the image) gets target 0 and no box loss.
 
-Train the standalone judge on true renders (R = 64, 3000 steps; each rank draws its own data):
-    python detector.py train
-    torchrun --standalone --nproc_per_node=8 detector.py train --batch_size=32 --compile=True
-On real data, the judge of layout-to-image (eval.py --judge): trained on the real training images only,
-with the same data-set spec (hence the same cached tokenizer) as the generator:
-    python detector.py train --dataset=coco:INSTANCES.json:IMAGE_DIR[:CAPTIONS.json] --out_dir=out/coco_judge
-A short CPU run (the default model at R = 64; with OMP_NUM_THREADS=1 on a 2-core machine it took 5 min
-and reached val Acc@0.5 0.92, mIoU 0.78, AP 0.66 on the 64 validation scenes):
-    python detector.py train --max_steps=600 --lr_decay_steps=600 --warmup_steps=100 --cache_scenes=5000 \
-        --eval_interval=200 --out_dir=out/detector_cpu
-Any key of TRAIN_CONFIG can be overridden: --key=value, or a config file of assignments.
+Its training is train_detector.py.
 
 Ground the phrases of a layout file in its images {id}.png (writes the layout format with the
 predicted boxes and a score in [0, 1] per instance; bad input: one line on stderr, exit 2, nothing
@@ -33,27 +23,21 @@ written). Works for a StandaloneDetector checkpoint and for a unified EchoGen on
     python detector.py --ckpt out/detector/ckpt --layouts val.json --images renders --out grounded.json [--device cpu]
 """
 
-import copy
 import os
 import sys
-import time
 from dataclasses import dataclass, replace
-from types import SimpleNamespace
 
 import numpy as np
 import torch
 import torch.nn as nn
 from PIL import Image
-from torch.nn.parallel import DistributedDataParallel as DDP
-from tqdm import tqdm
 
-import data
+import layouts
+import runtime
+import shapescenes
 from boxes import box_cxcywh_to_xyxy, box_iou
 from matcher import assign_within_groups
 import model as mmdit
-import objectives
-import runtime
-
 
 
 def decode_predictions(outputs):
@@ -231,7 +215,7 @@ def ground_scenes(ground, scenes, images, tokenizer, max_instances, device, batc
     boxes, scores = [], []
     for start in range(0, len(scenes), batch_size):
         part = slice(start, start + batch_size)
-        batch = data.collate(scenes[part], images[part], tokenizer, max_instances)
+        batch = layouts.collate(scenes[part], images[part], tokenizer, max_instances)
         b, s = ground({k: v.to(device) for k, v in batch.items()})
         boxes.append(b.cpu())
         scores.append(s.cpu())
@@ -240,17 +224,17 @@ def ground_scenes(ground, scenes, images, tokenizer, max_instances, device, batc
 
 def presence_confidence(ground, scenes, images, tokenizer, max_instances, device, per_scene=2, seed=0, batch_size=64):
     """Does a grounder's confidence see what a phrase names, or only where its box is? Its mean
-    confidence on the scenes' own phrases and on hard negatives in the free slots (data.add_hard_negatives:
+    confidence on the scenes' own phrases and on hard negatives in the free slots (shapescenes.add_hard_negatives:
     one of the scene's objects with its shape swapped, or its color; seeded)
     -> {"conf_true", "conf_wrong_shape", "conf_wrong_color"}. A wrong shape scored like the true
     phrase: the confidence, half of Cycle RL's reward, cannot tell a wrong shape from a right one."""
     found = {"conf_true": [], "conf_wrong_shape": [], "conf_wrong_color": []}
     for start in range(0, len(scenes), batch_size):
         part = slice(start, start + batch_size)
-        plain = data.collate(scenes[part], images[part], tokenizer, max_instances)
+        plain = layouts.collate(scenes[part], images[part], tokenizer, max_instances)
         seeds = [[seed, i] for i in range(start, start + batch_size)]
         for swap in ("shape", "color"):
-            batch = data.add_hard_negatives(plain, tokenizer, per_scene, seeds, swap=swap)
+            batch = shapescenes.add_hard_negatives(plain, tokenizer, per_scene, seeds, swap=swap)
             _, scores = ground({k: v.to(device) for k, v in batch.items()})
             scores, is_negative = scores.float().cpu(), batch["negative"]
             found[f"conf_wrong_{swap}"].append(scores[is_negative])
@@ -260,179 +244,12 @@ def presence_confidence(ground, scenes, images, tokenizer, max_instances, device
 
 
 # -----------------------------------------------------------------------------
-# training the standalone detector on true renders: python detector.py train [config file] [--key=value ...]
-
-TRAIN_CONFIG = dict(
-    # I/O
-    out_dir="out/detector",
-    init_from="scratch",  # "scratch" or "resume" (from out_dir/ckpt)
-    log_interval=10,  # steps between JSONL log lines
-    eval_interval=500,  # steps between validation figures (0 = only at the end)
-    ckpt_interval=500,  # steps between checkpoints (always one at the end)
-    # data: the pre-rendered ShapeScenes cache (true renders only) and a fixed validation set, or a real
-    # data set's training images and its held-out ones (the judge of layout-to-image on real data)
-    dataset="shapescenes",  # or coco:INSTANCES.json:IMAGE_DIR[:CAPTIONS.json][:key=value ...] (data.DATASET_HELP)
-    data_dir="data",
-    res=64,
-    cache_scenes=20000,
-    data_seed=0,
-    val_scenes=64,  # "val" split, seed 0 (never in the cache: its scenes come from another seed stream)
-    # model (DetectorConfig)
-    backbone="resnet18",
-    feature_level=2,
-    dim=128,
-    depth=3,
-    heads=4,
-    text_depth=1,
-    max_instances=8,
-    negatives=0,  # hard negative phrases per training scene (data.add_hard_negatives; ShapeScenes only): a
-    #               confidence that sees shapes and colors, not only boxes (the Cycle RL reward's judge); 0 = none
-    # optimizer
-    batch_size=64,  # per rank and micro-step; global batch = batch_size * grad_accum * world size
-    grad_accum=1,
-    lr=1e-3,
-    min_lr=1e-4,
-    weight_decay=1e-4,
-    beta1=0.9,
-    beta2=0.999,
-    grad_clip=1.0,
-    # lr schedule
-    schedule="cosine",  # "cosine" or "constant" (both after a linear warmup)
-    warmup_steps=200,
-    max_steps=3000,
-    lr_decay_steps=3000,
-    ema_decay=0.999,  # 0 disables EMA (ema.safetensors then holds the raw weights)
-    # system
-    device="auto",  # "auto", "cpu" or "cuda"
-    compile=False,  # torch.compile the backbone and the head (CUDA)
-    seed=1337,
-)
-
-
-def train(argv):
-    config = runtime.configure(TRAIN_CONFIG, argv)
-    cfg = SimpleNamespace(**config)
-    dist_ctx = runtime.Dist(cfg.device)
-    dev = dist_ctx.device
-    if cfg.init_from not in ("scratch", "resume"):
-        runtime.fail(f"init_from must be 'scratch' or 'resume', got {cfg.init_from!r}")
-    if cfg.negatives and cfg.dataset != "shapescenes":
-        runtime.fail(f"negatives: hard negative phrases swap ShapeScenes' shape and color words; "
-                     f"set negatives=0 for dataset {cfg.dataset!r}")
-    global_batch = cfg.batch_size * cfg.grad_accum * dist_ctx.world
-    ckpt_path = os.path.join(cfg.out_dir, "ckpt")
-    torch.manual_seed(cfg.seed)  # same initial weights on every rank
-
-    # data: rank 0 renders the cache (on real data: reads the images, trains the tokenizer) once; the others wait and read it
-    cache, tokenizer, val_set = data.load_dataset_on_ranks(dist_ctx, cfg.dataset, cfg.res, cfg.max_instances, cfg.data_dir,
-                                                           cfg.cache_scenes, cfg.data_seed, cfg.val_scenes)
-    val_images = data.scene_images(val_set, cfg.res)
-
-    # model, EMA, criterion, optimizer
-    model_config = DetectorConfig(res=cfg.res, backbone=cfg.backbone, feature_level=cfg.feature_level, dim=cfg.dim,
-                                  depth=cfg.depth, heads=cfg.heads, text_depth=cfg.text_depth,
-                                  vocab_size=tokenizer.get_vocab_size(), max_phrase_len=data.MAX_PHRASE_LEN,
-                                  max_instances=cfg.max_instances)
-    model = StandaloneDetector(model_config).to(dev)
-    ema = copy.deepcopy(model).eval().requires_grad_(False) if cfg.ema_decay > 0 else model
-    criterion = objectives.GroundingCriterion()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                                  weight_decay=cfg.weight_decay, fused=dev.type == "cuda")
-    step = 0
-    if cfg.init_from == "resume":
-        source = runtime.checkpoint_folder(ckpt_path)  # the newest complete one, wherever a kill inside a save left it
-        saved = runtime.read_checkpoint_config(source)
-        if saved["kind"] != "StandaloneDetector":
-            runtime.fail(f"checkpoint '{source}': holds a {saved['kind']}, not a StandaloneDetector")
-        runtime.check_same_model_config(source, saved["model"], model_config)
-        step = runtime.load_train_state(source, model, ema, optimizer)
-    if dist_ctx.master:
-        print(f"StandaloneDetector: {model.num_params() / 1e6:.2f}M parameters, res {cfg.res}, "
-              f"{model.grid}x{model.grid} feature tokens, global batch {global_batch} on {dist_ctx.world} x {dev.type}, "
-              f"from step {step}")
-    if cfg.compile:
-        model.backbone.compile()  # in place, before the DDP wrap: state_dict keys stay unprefixed
-        model.head.compile()
-    device_ids = [dist_ctx.local_rank] if dev.type == "cuda" else None
-    train_model = DDP(model, device_ids=device_ids) if dist_ctx.ddp else model
-    log = runtime.JsonlLog(os.path.join(cfg.out_dir, "log.jsonl"), dist_ctx.master, from_step=step)
-    guard = runtime.UpdateGuard(log)
-
-    def train_step(step):
-        """One optimizer step -> the mean losses and whether the weights were updated (runtime.UpdateGuard)."""
-        indices = runtime.global_batch_indices(step, global_batch, len(cache), cfg.data_seed)
-        indices = indices[runtime.rank_slice(global_batch, dist_ctx)]
-        total = {}
-        for micro in range(cfg.grad_accum):
-            batch = cache.batch(indices[micro * cfg.batch_size:(micro + 1) * cfg.batch_size])
-            if cfg.negatives:  # seeded by the step and each scene's place in the global batch (resume, DDP)
-                first = runtime.rank_slice(global_batch, dist_ctx).start + micro * cfg.batch_size
-                seeds = [[cfg.seed, step, first + j] for j in range(cfg.batch_size)]
-                batch = data.add_hard_negatives(batch, tokenizer, cfg.negatives, seeds)
-            batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
-            if dist_ctx.ddp:  # gradients are all-reduced only on the last micro-step (nanoGPT)
-                train_model.require_backward_grad_sync = micro == cfg.grad_accum - 1
-            with runtime.autocast(dev):
-                outputs = train_model(batch["images"], batch["phrase_ids"], batch["instance_mask"])
-            losses = criterion(outputs, batch["boxes"], batch["phrase_ids"], batch["instance_mask"],
-                               batch.get("negative"))
-            (losses["loss"] / cfg.grad_accum).backward()
-            for name in ("loss", "l1", "giou", "conf"):
-                total[name] = total.get(name, 0.0) + losses[name].item() / cfg.grad_accum
-        return total, guard.step(model, optimizer, cfg.grad_clip, step)
-
-    def evaluate(step):
-        ema.eval()
-        ground = lambda batch: decode_predictions(ema(batch["images"], batch["phrase_ids"], batch["instance_mask"]))
-        with runtime.autocast(dev):
-            boxes, scores = ground_scenes(ground, val_set, val_images, tokenizer, cfg.max_instances, dev)
-            presence = (presence_confidence(ground, val_set, val_images, tokenizer, cfg.max_instances, dev)
-                        if cfg.dataset == "shapescenes" else {})
-        model.train()
-        metrics = {k: round(v, 4) for k, v in grounding_metrics(boxes, scores, val_set).items()} | presence
-        log.write({"step": step, "eval": metrics})
-        line = " ".join(f"{k} {v:.3f}" for k, v in presence.items())
-        tqdm.write(f"step {step}: val Acc@0.5 {metrics['acc50']:.3f} mIoU {metrics['miou']:.3f} "
-                   f"AP {metrics['ap']:.3f} AP50 {metrics['ap50']:.3f} {line}")
-
-    model.train()
-    progress = tqdm(total=cfg.max_steps, initial=step, disable=not dist_ctx.master, desc="detector")
-    window_start, window_steps = time.perf_counter(), 0
-    while step < cfg.max_steps:
-        step_lr = runtime.learning_rate(step, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.lr_decay_steps, cfg.schedule)
-        for group in optimizer.param_groups:
-            group["lr"] = step_lr
-        losses, updated = train_step(step)
-        if updated and ema is not model:
-            runtime.update_ema(ema, model, cfg.ema_decay, step)
-        step += 1
-        losses = {k: dist_ctx.all_reduce_mean(v) for k, v in losses.items()}
-        window_steps += 1
-        progress.update(1)
-        progress.set_postfix(loss=f"{losses['loss']:.3f}", lr=f"{step_lr:.2e}")
-        if step % cfg.log_interval == 0 or step == cfg.max_steps:
-            elapsed = time.perf_counter() - window_start
-            log.write({"step": step, **losses, "lr": step_lr, "steps_per_s": window_steps / elapsed,
-                       "images_per_s": window_steps * global_batch / elapsed})
-            window_start, window_steps = time.perf_counter(), 0
-        if dist_ctx.master and cfg.val_scenes and ((cfg.eval_interval and step % cfg.eval_interval == 0)
-                                                   or step == cfg.max_steps):
-            evaluate(step)
-        if dist_ctx.master and ((cfg.ckpt_interval and step % cfg.ckpt_interval == 0) or step == cfg.max_steps):
-            runtime.save_checkpoint(ckpt_path, model, ema, optimizer, tokenizer, config, step)
-    progress.close()
-    if dist_ctx.master:
-        print(f"done: checkpoint {ckpt_path}, log {log.path}")
-    dist_ctx.close()
-
-
-# -----------------------------------------------------------------------------
 # loading a grounder, and the predict CLI
 
 
 class Grounder:
     """What load_grounder returns: ground(batch) -> (boxes_xyxy (B, N, 4) in [0, 1], scores (B, N) in
-    [0, 1]) for a data.collate batch on the device, plus what a caller needs to build that batch."""
+    [0, 1]) for a layouts.collate batch on the device, plus what a caller needs to build that batch."""
 
     def __init__(self, kind, model, tokenizer, res, max_instances, device):
         self.kind, self.model, self.tokenizer = kind, model, tokenizer
@@ -457,23 +274,17 @@ def load_grounder(ckpt_path, device="cpu", which="ema"):
     if saved["kind"] == "EchoGen" and not saved["model"].get("grounding", True):
         runtime.fail(f"checkpoint '{ckpt_path}': a generation-only EchoGen (config grounding = false), it has no "
                      f"grounding head to ground phrases with")
-    model, tokenizer, _ = runtime.load_model(ckpt_path, {"EchoGen": mmdit.EchoGen, "StandaloneDetector": StandaloneDetector}[saved["kind"]],
-                                            which, device)
+    model_class = {"EchoGen": mmdit.EchoGen, "StandaloneDetector": StandaloneDetector}[saved["kind"]]
+    model, tokenizer, _ = runtime.load_model(ckpt_path, model_class, which, device)
     return Grounder(saved["kind"], model, tokenizer, model.config.res, model.config.max_instances, device)
 
 
 def read_image(path, res, scene_id):
     """An RGB uint8 (res, res, 3) image; another size is resized (boxes are normalized, so they hold)."""
-    if not os.path.isfile(path):
-        raise data.LayoutError(f"scene {scene_id}: image: missing file ({path})")
-    try:
-        with Image.open(path) as image:
-            image = image.convert("RGB")
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # PIL's ways to refuse a file
-        raise data.LayoutError(f"scene {scene_id}: image: cannot read {path} ({runtime.one_line(e)})") from None
-    if image.size != (res, res):
-        image = image.resize((res, res), Image.BILINEAR)
-    return np.asarray(image)
+    image = layouts.read_image(path, scene_id)
+    if image.shape[:2] != (res, res):
+        image = np.asarray(Image.fromarray(image).resize((res, res), Image.BILINEAR))
+    return image
 
 
 def layout_box(box):
@@ -498,7 +309,7 @@ def predict(argv):
         runtime.fail(f"--out '{args.out}': its folder does not exist")
     ground = load_grounder(args.ckpt, runtime.resolve_device(args.device))
     try:  # everything is read and checked before anything is computed or written
-        scenes = data.read_layouts(args.layouts, ground.tokenizer, ground.max_instances)
+        scenes = layouts.read_layouts(args.layouts, ground.tokenizer, ground.max_instances)
         images = [read_image(os.path.join(args.images, f"{scene['id']}.png"), ground.res, scene["id"])
                   for scene in scenes]
     except (ValueError, OSError) as e:  # LayoutError is a ValueError
@@ -510,17 +321,10 @@ def predict(argv):
                                         for j, inst in enumerate(scene["instances"])]}
                 for i, scene in enumerate(scenes)]
     try:
-        data.write_layouts(args.out, grounded)
+        layouts.write_layouts(args.out, grounded)
     except OSError as e:
         runtime.fail(f"{args.out}: cannot write ({e.strerror})")
 
 
-def main(argv):
-    if argv[:1] == ["train"]:
-        train(argv[1:])
-    else:
-        predict(argv)
-
-
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    predict(sys.argv[1:])

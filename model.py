@@ -18,6 +18,7 @@ pooled caption makes a fresh model the identity on its residual streams.
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -420,10 +421,10 @@ class PixelHead(nn.Module):
 
 def task_attention_mask(caption_mask, instance_mask, task, n_queries, n_image):
     """The task-aware mask of the packed sequence [caption | layout | queries | image] (docs/design.md,
-    "Shared tokens"), True = may attend. Rows of task 0 (generation) are denoised from the layout;
-    rows of task 1 (grounding) hide the layout tokens from every token, so that nothing in the row
-    can copy the boxes it is asked for, and their queries read the caption, the image and each
-    other. No token but a query ever reads a query.
+    "The model": shared tokens and task-aware masks), True = may attend. Rows of task 0 (generation)
+    are denoised from the layout; rows of task 1 (grounding) hide the layout tokens from every token,
+    so that nothing in the row can copy the boxes it is asked for, and their queries read the
+    caption, the image and each other. No token but a query ever reads a query.
     caption_mask (B, Lc), instance_mask (B, N), task (B,) -> (B, 1, L, L)."""
     B, N = instance_mask.shape
     grounding = (task == 1)[:, None]  # (B, 1)
@@ -445,10 +446,10 @@ def box_attention_bias(attn_mask, box_coverage, instance_mask, n_caption, streng
     float mask (B, 1, L, L), plus strength x the share of image patch p covered by instance n's box
     on the logit of image query p for layout key n. box_coverage (B, N, P) (patch_box_coverage),
     instance_mask (B, N): real, not dropped instances; n_caption: the caption tokens before the
-    layout tokens. Only image rows get the prior, so the layout and query tokens attend as before.
+    layout tokens. Only image rows get the prior; layout and query tokens attend by the mask alone.
     Why: without it the tiny model had to discover from scratch which patch lies in which Fourier-
     embedded box; that took ~250 steps alone and never happened within 2000 steps beside the
-    grounding task (README, Figures). Hidden layout keys (-inf) stay hidden."""
+    grounding task (docs/experiments.md, "How PMTP was fixed"). Hidden layout keys (-inf) stay hidden."""
     B, N, P = box_coverage.shape
     L = attn_mask.shape[-1]
     bias = torch.zeros(B, 1, L, L, device=attn_mask.device).masked_fill(~attn_mask, float("-inf"))
@@ -535,7 +536,7 @@ class GroundingHead(nn.Module):
             self.box_head.fc2.bias.copy_(torch.logit(torch.tensor(INITIAL_BOX)))
 
     def forward(self, image_features, queries, query_mask):
-        (B, N, D), K = queries.shape, self.candidates
+        (B, N, _), K = queries.shape, self.candidates
         queries = queries + self.slot_embed[:N].to(queries.dtype)
         if K > 1:
             queries = (queries[:, :, None] + self.candidate_embed.to(queries.dtype)).flatten(1, 2)  # (B, N*K, D)
@@ -586,13 +587,19 @@ class ModelConfig:
     grounding: bool = True  # the grounding head and the task embedding; False = the generation-only model
     ground_depth: int = 2  # decoder layers of the grounding head
     ground_candidates: int = 1  # boxes each grounding query proposes, its answer the most confident (GroundingHead)
-    idm: bool = False  # I-DRUID's IDM in every block (and L_dis on request); False = the plain model
+    idm: bool = False  # I-DRUID's IDM in every block (and its L_dis in the output); False = the plain model
     box_attn_bias: float = 2.0  # logit bonus of an image patch for the layout tokens whose box covers it; 0 = none
-    # the levers of learning shapes fast (README, "What makes the generator learn shapes"); their
-    # defaults here are off, the model every checkpoint made before them holds; the scripts turn them on
+    # the levers of learning shapes fast (docs/shapes.md): off here, the model of every checkpoint
+    # made before them; the training scripts turn them on
     layout_map: int = 0  # channels of the per-pixel layout map (LayoutMap), patch-embedded beside the image; 0 = none
     pixel_head: int = 0  # hidden channels of the output path at pixel resolution (PixelHead); 0 = linear unpatchify
     prediction: str = "v"  # what the network outputs: "v", or "x0" (JiT), turned into v = (x_t - x0) / t; the loss stays on v
+
+
+class EchoGenOutput(NamedTuple):
+    v: torch.Tensor  # the velocity (B, C, R, R)
+    grounding: Optional[dict]  # the head's {"boxes": (L, B, N, 4) cxcywh, "logits": (L, B, N)}, or None without task
+    idm_loss: torch.Tensor  # L_dis, a scalar: the mean over blocks of each one's mean over active instances; 0 without IDM
 
 
 class EchoGen(nn.Module):
@@ -793,20 +800,16 @@ class EchoGen(nn.Module):
         image_tokens, _, c, _ = self.run_blocks(x_t, t, cond)
         return self.output_velocity(image_tokens, c, x_t, t, cond)
 
-    def forward(self, x_t, t, caption_ids, phrase_ids, boxes, instance_mask, task=None, return_idm=False):
-        """Both tasks in one pass (PMTP). task None: -> v. task (B,) of 0 / 1: -> (v, grounding), where
-        grounding is the head's {"boxes": (L, B, N, 4) cxcywh, "logits": (L, B, N)} for every row
-        (only rows of task 1 mean anything). return_idm: L_dis follows as the last output, a scalar
-        tensor, the mean over the blocks of each one's mean over the active instances (0 without IDM):
-        -> (v, L_dis) or (v, grounding, L_dis). An output, not an attribute, so that DDP's wrapper
-        passes it and a later call (ground) cannot overwrite it."""
+    def forward(self, x_t, t, caption_ids, phrase_ids, boxes, instance_mask, task=None):
+        """Both tasks in one pass (PMTP) -> EchoGenOutput, whatever is asked. task None: the generation
+        rows only, grounding None. task (B,) of 0 / 1: the head reads every row (only rows of task 1
+        mean anything). L_dis is an output, not an attribute, so that DDP's wrapper passes it and a
+        later call (ground) cannot overwrite it."""
         cond = self.encode_conditions(caption_ids, phrase_ids, boxes, instance_mask, task)
         image_tokens, queries, c, idm_loss = self.run_blocks(x_t, t, cond)
         v = self.output_velocity(image_tokens, c, x_t, t, cond)
-        outputs = [v] if task is None else [v, self.grounding_head(image_tokens, queries, instance_mask)]
-        if return_idm:
-            outputs.append(idm_loss if idm_loss is not None else torch.zeros((), device=v.device))
-        return outputs[0] if len(outputs) == 1 else tuple(outputs)
+        grounding = None if task is None else self.grounding_head(image_tokens, queries, instance_mask)
+        return EchoGenOutput(v, grounding, idm_loss if idm_loss is not None else torch.zeros((), device=v.device))
 
     def ground(self, images, caption_ids, phrase_ids, instance_mask):
         """Grounding of clean images (t = 0): images (B, C, R, R) in [-1, 1] -> the head's outputs."""

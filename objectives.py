@@ -70,7 +70,7 @@ class GroundingCriterion(nn.Module):
 
     def forward(self, outputs, target_boxes, phrase_ids, instance_mask, negative=None):
         """outputs: {"candidate_boxes": (L, B, N, K, 4) cxcywh, "candidate_logits": (L, B, N, K)} from GroundingHead;
-        target_boxes (B, N, 4) xyxy as data.collate gives them; phrase_ids (B, N, Lp); instance_mask
+        target_boxes (B, N, 4) xyxy as layouts.collate gives them; phrase_ids (B, N, Lp); instance_mask
         (B, N); negative (B, N) bool or None. -> {"loss": weighted total over every layer,
         "l1", "giou", "conf": the last layer's terms, "l1_0", ...: the intermediate layers' terms}."""
         negative = (torch.zeros_like(instance_mask) if negative is None else negative) & instance_mask
@@ -148,7 +148,7 @@ def pmtp_inputs(batch, task, t, noise, drop):
 
 def pmtp_terms(criterion, v, grounding, batch, task, t, noise, instance_mask, ground_weight):
     """The stage-1 loss from the model's outputs, and its parts for the log. Clean grounding samples
-    (t = 0) carry no flow loss; hard negative slots (batch["negative"], data.add_hard_negatives, on
+    (t = 0) carry no flow loss; hard negative slots (batch["negative"], shapescenes.add_hard_negatives, on
     grounding rows only) train the confidence towards 0."""
     generation = flow_loss(v, batch["images"], noise, row_weight=((task == 0) | (t > 0)).float())
     ground = criterion(grounding, batch["boxes"], batch["phrase_ids"], instance_mask & (task == 1)[:, None],
@@ -156,11 +156,6 @@ def pmtp_terms(criterion, v, grounding, batch, task, t, noise, instance_mask, gr
     parts = {"flow": generation.item(), "ground": ground["loss"].item(),
              **{f"ground_{k}": ground[k].item() for k in ("l1", "giou", "conf")}}
     return generation + ground_weight * ground["loss"], parts
-
-
-def idm_request(idm_weight):
-    """The forward's keyword arguments: L_dis is asked for only when it is weighed (a model with IDM)."""
-    return {} if idm_weight is None else {"return_idm": True}
 
 
 def add_idm_term(loss, parts, idm_loss, idm_weight):
@@ -176,13 +171,12 @@ def pmtp_loss(model, criterion, batch, task, t, noise, drop, ground_weight, idm_
     x_t, caption_ids, instance_mask = pmtp_inputs(batch, task, t, noise, drop)
     inputs = (x_t, t, caption_ids, batch["phrase_ids"], batch["boxes"], instance_mask)
     if criterion is None:
-        outputs = model(*inputs, **idm_request(idm_weight))
-        v, idm_loss = outputs if idm_weight is not None else (outputs, None)
-        generation = flow_loss(v, batch["images"], noise)
-        return add_idm_term(generation, {"flow": generation.item()}, idm_loss, idm_weight)
-    v, grounding, *idm_loss = model(*inputs, task, **idm_request(idm_weight))
-    loss, parts = pmtp_terms(criterion, v, grounding, batch, task, t, noise, instance_mask, ground_weight)
-    return add_idm_term(loss, parts, idm_loss[0] if idm_loss else None, idm_weight)
+        out = model(*inputs)
+        generation = flow_loss(out.v, batch["images"], noise)
+        return add_idm_term(generation, {"flow": generation.item()}, out.idm_loss, idm_weight)
+    out = model(*inputs, task)
+    loss, parts = pmtp_terms(criterion, out.v, out.grounding, batch, task, t, noise, instance_mask, ground_weight)
+    return add_idm_term(loss, parts, out.idm_loss, idm_weight)
 
 
 # -----------------------------------------------------------------------------
@@ -213,7 +207,7 @@ def djo_loss(model, raw_model, criterion, cycle_criterion, batch, task, t, noise
       boxes (detached unless detach_boxes is False) condition the flow loss on those same images at t_recon.
       Only images whose every box the head trusts (confidence, its estimate of the box's IoU, >=
       recon_min_conf) count: a wrong box would teach the generator to draw objects away from their boxes.
-    Hard negative phrases (batch["negative"], data.add_hard_negatives on the grounding rows) reach stage
+    Hard negative phrases (batch["negative"], shapescenes.add_hard_negatives on the grounding rows) reach stage
     1's grounding loss only. idm_weight: None for a model without IDM; else L_dis of the packed forward
     (over the instances of all its generation rows, the reconstruction rows' predicted boxes included) joins the sum.
     -> total, terms: the loss tensors "stage1", "cycle", "recon" (and "idm"), the share of trusted
@@ -234,13 +228,12 @@ def djo_loss(model, raw_model, criterion, cycle_criterion, batch, task, t, noise
     def rows(full, of_gen, of_grd):  # the packed batch: [stage 1 | cycle | reconstruction]
         return torch.cat([full, of_gen, of_grd])
 
-    v, grounding, *idm_loss = model(rows(x_t, cycle_x_t, recon_x_t), rows(t, t_cycle[gen], t_recon[grd]),
-                             rows(caption_ids, batch["caption_ids"][gen], batch["caption_ids"][grd]),
-                             rows(batch["phrase_ids"], batch["phrase_ids"][gen], batch["phrase_ids"][grd]),
-                             rows(batch["boxes"], batch["boxes"][gen], predicted_boxes.to(batch["boxes"].dtype)),
-                             rows(instance_mask, batch["instance_mask"][gen], present[grd]),
-                             rows(task, torch.zeros_like(task[gen]), torch.zeros_like(task[grd])),
-                             **idm_request(idm_weight))
+    v, grounding, idm_loss = model(rows(x_t, cycle_x_t, recon_x_t), rows(t, t_cycle[gen], t_recon[grd]),
+                                   rows(caption_ids, batch["caption_ids"][gen], batch["caption_ids"][grd]),
+                                   rows(batch["phrase_ids"], batch["phrase_ids"][gen], batch["phrase_ids"][grd]),
+                                   rows(batch["boxes"], batch["boxes"][gen], predicted_boxes.to(batch["boxes"].dtype)),
+                                   rows(instance_mask, batch["instance_mask"][gen], present[grd]),
+                                   rows(task, torch.zeros_like(task[gen]), torch.zeros_like(task[grd])))
     n_gen = int(gen.sum())
     stage1, parts = pmtp_terms(criterion, v[:B], {k: g[:, :B] for k, g in grounding.items()}, batch, task, t,
                                noise, instance_mask, ground_weight)
@@ -254,6 +247,6 @@ def djo_loss(model, raw_model, criterion, cycle_criterion, batch, task, t, noise
     terms = {"stage1": stage1, "cycle": cycle, "recon": recon, "recon_trusted": trusted.mean().item(), **parts}
     total = stage1 + cycle_weight * cycle + recon_weight * recon
     if idm_weight is not None:
-        terms["idm"] = idm_loss[0]
-        total = total + idm_weight * idm_loss[0]
+        terms["idm"] = idm_loss
+        total = total + idm_weight * idm_loss
     return total, terms

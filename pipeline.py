@@ -10,7 +10,7 @@ one results table at the end.
 A preset names its stages (the keys of its budgets, in order). Each training stage is a subprocess of
 its own script, so that its tqdm line, its torchrun launch and its checkpoint format stay the
 script's own:
-    judge         detector.py train                    the standalone detector, on true renders only, at the pipeline's R
+    judge         train_detector.py                    the standalone detector, on true renders only, at the pipeline's R
     gen_only      train_pretrain.py --ground_every=0   the generation-only baseline
     pmtp          train_pretrain.py                    stage 1, PMTP
     pmtp_idm      train_pretrain.py --idm=True         PMTP with IDM: with pmtp, the IDM on/off pair
@@ -28,7 +28,7 @@ held-out compositions, crowded, the attribute-leakage probe) with the checker, t
 grounding head and the judge.
 
 What out_dir holds: {stage}/ (the script's out_dir: ckpt/, log.jsonl; Cycle RL's reward.png, the
-reward against updates above the checker's ISR), eval/{stage}/ (eval.py's table.md, results.json,
+reward against updates above the checker's ISR), eval/{stage}/ (evaluate.py's table.md, results.json,
 grids/{set}.png: generated image with the asked boxes | true render | the model's own grounding of
 its image), and table.md + results.json (table_{preset}.md and results_{preset}.json for the other
 presets): per scene set a table with a row per model, under a first row of the world's true renders
@@ -51,8 +51,9 @@ import time
 import torch
 
 import data
-import eval as evaluation  # eval.py; renamed so as not to shadow the builtin
 import runtime
+import shapescenes
+import evaluate
 
 # -----------------------------------------------------------------------------
 # presets: the step budgets, evaluation settings and per-script arguments (on top of each script's own
@@ -137,7 +138,7 @@ PRESETS = {
 # name -> (script, the preset's argument list it takes, its own arguments, the stage whose checkpoint it starts from)
 CONTINUED = ["--lr=3e-4", "--min_lr=3e-5", "--warmup_steps=20", "--seed=2024", "--data_seed=1"]  # DJO's lr, warmup and seeds
 STAGES = {
-    "judge": (["detector.py", "train"], "judge", [], None),
+    "judge": (["train_detector.py"], "judge", [], None),
     "gen_only": (["train_pretrain.py"], "pretrain", ["--ground_every=0"], None),
     "pmtp": (["train_pretrain.py"], "pretrain", [], None),
     "pmtp_idm": (["train_pretrain.py"], "pretrain", ["--idm=True"], None),
@@ -238,7 +239,7 @@ def train_stage(name, preset, args, retrained):
     if step is None:
         shutil.rmtree(stage_dir, ignore_errors=True)  # a run cut before its first checkpoint: its log starts again
     os.makedirs(stage_dir, exist_ok=True)
-    evaluation.write_text(os.path.join(stage_dir, "pipeline.json"), json.dumps({"argv": argv}, indent=1) + "\n")
+    evaluate.write_text(os.path.join(stage_dir, "pipeline.json"), json.dumps({"argv": argv}, indent=1) + "\n")
     # resuming replaces the parent checkpoint as init (the scripts read their reference from the saved config)
     command = launcher(args.nproc) + [a for a in argv if not a.startswith("--init_from=")] + (
         ["--init_from=resume"] if step is not None else [a for a in argv if a.startswith("--init_from=")])
@@ -265,15 +266,15 @@ def eval_stage(name, preset, args, device, must):
     if same and not must:
         print(f"eval {name}: done earlier, skipped", flush=True)
         return previous
-    return evaluation.evaluate_checkpoint(ckpt, settings["sets"].split(","), settings["n"], settings["steps"],
+    return evaluate.evaluate_checkpoint(ckpt, settings["sets"].split(","), settings["n"], settings["steps"],
                                          settings["cfg"], 1.0, device, judge, out, label=name)
 
 
 def true_render_figures(preset, args, device):
     """Every column on the world's own renders at the pipeline's R: the checker's and the judge's ceiling."""
-    judge = evaluation.load_judge(os.path.join(args.out_dir, "judge", "ckpt"), preset["res"], device)
+    judge = evaluate.load_judge(os.path.join(args.out_dir, "judge", "ckpt"), preset["res"], device)
     settings = preset["eval"]
-    return {kind: evaluation.evaluate(None, data.make_scene_set(kind, settings["n"], seed=0), None, judge=judge,
+    return {kind: evaluate.evaluate(None, shapescenes.make_scene_set(kind, settings["n"], seed=0), None, judge=judge,
                                       generator=lambda scenes: data.scene_images(scenes, preset["res"]))
             for kind in settings["sets"].split(",")}
 
@@ -298,8 +299,8 @@ def results_table(name, preset, rows, timings, command):
              "true renders (Acc@0.5, mIoU, AP) and on its own images against the asked boxes (self-grounding, "
              "the view of Cycle RL's reward).\n"]
     for kind in settings["sets"].split(","):
-        lines.append(f"## {evaluation.SET_NAMES.get(kind, kind)} (`{kind}`)\n")
-        lines.append(evaluation.markdown_table([(label, sets[kind]) for label, sets in rows.items()], "model"))
+        lines.append(f"## {evaluate.SET_NAMES.get(kind, kind)} (`{kind}`)\n")
+        lines.append(evaluate.markdown_table([(label, sets[kind]) for label, sets in rows.items()], "model"))
     return "\n".join(lines)
 
 
@@ -341,7 +342,7 @@ def main():
             eval_stage(name, preset, args, device, must=name in retrained or "judge" in retrained)
         if name in retrained:
             timings[name] = round(time.perf_counter() - tic, 1)
-            evaluation.write_text(timings_path, json.dumps(timings, indent=1) + "\n")
+            evaluate.write_text(timings_path, json.dumps(timings, indent=1) + "\n")
 
     # one table: the true renders' row, then each model's results as eval wrote them
     rows = {TRUE_RENDERS: true_render_figures(preset, args, device)}
@@ -353,8 +354,8 @@ def main():
     results = {"preset": args.preset, "res": preset["res"], "budgets": preset["budgets"], "eval": preset["eval"],
                "seconds": timings, "rows": rows}
     table_path, results_path = (os.path.join(args.out_dir, f) for f in table_files(args.preset))
-    evaluation.write_text(table_path, table)
-    evaluation.write_text(results_path, json.dumps(results, indent=1) + "\n")
+    evaluate.write_text(table_path, table)
+    evaluate.write_text(results_path, json.dumps(results, indent=1) + "\n")
     print("\n" + table)
     print(f"done in {minutes(time.perf_counter() - start)} (this run; trained: {', '.join(retrained) or 'nothing'})")
     print(f"table: {table_path} (figures: {results_path})")

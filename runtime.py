@@ -1,7 +1,7 @@
 """
 The training runtime that every EchoGen script shares, so that no script carries a copy:
 the nanoGPT-style configurator, DDP setup, the data order, the lr schedule, EMA, the JSONL log,
-atomic writes, the checkpoint format and its checked loaders, and the flag checks of every CLI.
+atomic writes, the checkpoint format and its checked loaders, and the flag checks and error of every CLI.
 
 A checkpoint is a folder:
     model.safetensors   raw weights            ema.safetensors   EMA weights (used for sampling)
@@ -33,6 +33,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
+
+class LayoutError(ValueError):
+    """Bad layout, text or data file; the message is one line naming the scene or file, the field and
+    the value. Raised by the data code, turned into fail() by every CLI."""
 
 
 def fail(message):
@@ -99,7 +103,7 @@ AT_LEAST_0 = ("eval_interval", "ckpt_interval", "warmup_steps", "val_scenes", "d
               "clip_range", "adv_eps", "adv_clip", "critic_lr", "ground_threshold", "sde_window_start")
 POSITIVE = ("cfg_scale", "shift")
 FRACTIONS = ("cond_drop", "ground_clean", "ground_confusable", "ground_t_max", "cycle_t_max", "recon_min_conf",
-             "train_fraction", "beta1", "beta2", "ema_decay", "sde_a")  # in [0, 1]
+             "train_fraction", "beta1", "beta2", "ema_decay", "sde_noise_level")  # in [0, 1]
 CHOICES = {"schedule": ("cosine", "constant"), "device": ("auto", "cpu", "cuda")}
 
 
@@ -524,7 +528,7 @@ def load_model(path, model_class, which="ema", device="cpu"):
     return model.to(device).eval(), tokenizer, saved
 
 # -----------------------------------------------------------------------------
-# command-line input: what the CLIs (sampler.py, eval.py, detector.py, data.py) check alike, each
+# command-line input: what the CLIs (sampler.py, evaluate.py, detector.py, data.py) check alike, each
 # before anything is computed or written
 
 

@@ -22,9 +22,10 @@ from typing import NamedTuple, Optional
 
 import torch
 
-import data
-import model as mmdit
+import layouts
 import runtime
+import shapescenes
+import model as mmdit
 
 
 def timestep_schedule(steps, shift):
@@ -34,37 +35,48 @@ def timestep_schedule(steps, shift):
     return shift * t / (1 + (shift - 1) * t)
 
 
-def conditions_with_null(model, batch, cfg):
-    """The batch's encoded conditions; with guidance, followed by the null conditions of the same
-    samples (caption and layout dropped), encoded together so both halves share one padded length."""
-    if cfg == 1.0:
-        return model.encode_conditions(batch["caption_ids"], batch["phrase_ids"], batch["boxes"], batch["instance_mask"])
+def with_null_conditions(batch):
+    """The conditions of classifier-free guidance's doubled batch: the batch's own (B rows) followed by
+    the same rows with caption and layout dropped (B rows) -> caption_ids, phrase_ids, boxes,
+    instance_mask, each (2B, ...)."""
     B = batch["caption_ids"].shape[0]
     drop = torch.arange(2 * B, device=batch["boxes"].device) >= B  # (2B,): the second half is dropped
-    caption_ids, instance_mask = model.drop_conditions(batch["caption_ids"].repeat(2, 1),
-                                                       batch["instance_mask"].repeat(2, 1), drop)
-    return model.encode_conditions(caption_ids, batch["phrase_ids"].repeat(2, 1, 1), batch["boxes"].repeat(2, 1, 1),
-                                   instance_mask)
+    caption_ids, instance_mask = mmdit.EchoGen.drop_conditions(batch["caption_ids"].repeat(2, 1),
+                                                               batch["instance_mask"].repeat(2, 1), drop)
+    return caption_ids, batch["phrase_ids"].repeat(2, 1, 1), batch["boxes"].repeat(2, 1, 1), instance_mask
 
 
-def guided_velocity(model, x, t, cond, cfg):
-    """v_uncond + cfg * (v_cond - v_uncond), both halves in one forward pass."""
-    if cfg == 1.0:
+def guide(v, cfg_scale):
+    """The velocity (2B, ...) of the doubled batch -> v_uncond + cfg_scale * (v_cond - v_uncond), (B, ...)."""
+    v_cond, v_uncond = v.chunk(2)
+    return v_uncond + cfg_scale * (v_cond - v_uncond)
+
+
+def conditions_with_null(model, batch, cfg_scale):
+    """The batch's encoded conditions; with guidance, those of the doubled batch (with_null_conditions),
+    encoded together so both halves share one padded length."""
+    if cfg_scale == 1.0:
+        return model.encode_conditions(batch["caption_ids"], batch["phrase_ids"], batch["boxes"], batch["instance_mask"])
+    return model.encode_conditions(*with_null_conditions(batch))
+
+
+def guided_velocity(model, x, t, cond, cfg_scale):
+    """The guided velocity of x at t (B,), both halves in one forward pass; cond from conditions_with_null."""
+    if cfg_scale == 1.0:
         return model.velocity(x, t, cond)
-    v_cond, v_uncond = model.velocity(torch.cat([x, x]), torch.cat([t, t]), cond).chunk(2)
-    return v_uncond + cfg * (v_cond - v_uncond)
+    return guide(model.velocity(torch.cat([x, x]), torch.cat([t, t]), cond), cfg_scale)
 
 
 @torch.no_grad()
-def sample(model, batch, noise, steps=25, cfg=3.0, shift=1.0):
+def sample(model, batch, noise, steps=25, cfg_scale=3.0, shift=1.0):
     """batch: collated conditions on the model's device; noise (B, C, R, R) -> x0 (B, C, R, R) in ~[-1, 1]."""
-    cond = conditions_with_null(model, batch, cfg)
+    cond = conditions_with_null(model, batch, cfg_scale)
     times = timestep_schedule(steps, shift).tolist()
     x = noise
     for t, t_next in zip(times[:-1], times[1:]):
         t_batch = torch.full((x.shape[0],), t, device=x.device)
         with runtime.autocast(x.device):
-            v = guided_velocity(model, x, t_batch, cond, cfg)
+            v = guided_velocity(model, x, t_batch, cond, cfg_scale)
         x = x + (t_next - t) * v.float()
     return x
 
@@ -79,27 +91,28 @@ class SDEStep(NamedTuple):
     mean: torch.Tensor  # the step's Gaussian mean (B, ...)
     std: torch.Tensor  # its std, one per sample, broadcastable: (B, 1, ...)
     log_prob: Optional[torch.Tensor]  # (B,): the mean over dimensions of log N(sample; mean, std^2); None when std = 0
-    idm_loss: Optional[torch.Tensor] = None  # L_dis of the velocity pass (policy_step with return_idm)
+    idm_loss: Optional[torch.Tensor] = None  # L_dis of the velocity pass (policy_step's steps carry it)
 
 
-def sde_sigma(t, dt, a):
-    """sigma_t = a sqrt(t / (1 - t)), with t capped at 1 - |dt| (the SDE of docs/design.md is singular at t = 1).
+def sde_sigma(t, dt, noise_level):
+    """sigma_t = a sqrt(t / (1 - t)) (a = noise_level), with t capped at 1 - |dt| (the SDE of docs/design.md
+    is singular at t = 1).
     The cap equals Flow-GRPO's rule (sigma at t = 1 is the sigma of the schedule's next time) and,
     unlike a fixed cap 1 - 1e-k, keeps the first step sane for any step count: there the drift
     correction sigma^2 / (2t) x |dt| becomes a^2 (1 - |dt|) / 2 x, the noise variance a^2 (1 - |dt|). Any sigma(t)
     gives the same marginals (the score term is exact for every diffusion coefficient), so the cap
     changes the noise schedule, not the distribution sampled."""
     t_sigma = torch.minimum(t, 1 + dt)  # dt < 0: 1 + dt = 1 - |dt|
-    return a * torch.sqrt(t_sigma / (1 - t_sigma))
+    return noise_level * torch.sqrt(t_sigma / (1 - t_sigma))
 
 
-def sde_step_with_logprob(v, x, t, t_next, a, prev_sample=None, generator=None):
+def sde_step_with_logprob(v, x, t, t_next, noise_level, prev_sample=None, generator=None):
     """One step of the SDE from t to t_next < t, all of its mathematics in float32 whatever the
     autocast, shared by sampling and training so that the ratio to the sampling policy is exactly 1
     before an update:
         mean = x + [v + sigma_t^2 / (2t) (x + (1 - t) v)] dt,   std = sigma_t sqrt(|dt|),   dt = t_next - t
     x + (1 - t) v = E[eps | x_t] = -t * score, so the bracket is the reverse-time drift v - sigma^2/2 score.
-    v, x: (B, ...); t, t_next: floats or (B,) tensors; a >= 0: the noise level (a = 0 is the Euler
+    v, x: (B, ...); t, t_next: floats or (B,) tensors; noise_level >= 0: a of the SDE (0 is the Euler
     step, exactly). prev_sample: a stored x_{t+dt} to score instead of drawing one. generator: one
     torch.Generator, or a list of one per row (a row's noise then does not depend on the batch it is
     in: N ranks draw what one rank draws).
@@ -113,10 +126,10 @@ def sde_step_with_logprob(v, x, t, t_next, a, prev_sample=None, generator=None):
         t, t_next = (torch.as_tensor(u, dtype=torch.float64, device=x.device).expand(x.shape[0]).reshape(shape)
                      for u in (t, t_next))
         dt, t = (t_next - t).float(), t.float()  # (B, 1, ...); dt < 0
-        if a == 0:
+        if noise_level == 0:
             mean = x + v * dt  # the Euler step, bit for bit as sample() takes it
             return SDEStep(mean if prev_sample is None else prev_sample.float(), mean, torch.zeros_like(t), None)
-        sigma = sde_sigma(t, dt, a)
+        sigma = sde_sigma(t, dt, noise_level)
         mean = x + (v + sigma ** 2 / (2 * t) * (x + (1 - t) * v)) * dt
         std = sigma * torch.sqrt(-dt)
         if prev_sample is None:
@@ -139,41 +152,29 @@ def gaussian_step_kl(mean, ref_mean, std):
         return ((mean.float() - ref_mean.float()) ** 2 / (2 * std.float() ** 2)).flatten(1).mean(1)
 
 
-def policy_velocity(model, batch, x, t, cfg, return_idm=False):
+def policy_velocity(model, batch, x, t, cfg_scale):
     """The guided velocity as the policy computes it: through the model's forward (so that a DDP
-    wrapper sees the call), the conditions encoded anew, both CFG halves in one pass as in
-    conditions_with_null / guided_velocity. t: a float, the time of the whole batch.
-    return_idm (a model with IDM): -> (v, L_dis of the pass); the dropped half has no instances,
-    so L_dis is the conditional half's."""
-    B = x.shape[0]
-    t_batch = torch.full((B,), t, device=x.device)
-    request = {"return_idm": True} if return_idm else {}
-    if cfg == 1.0:
-        return model(x, t_batch, batch["caption_ids"], batch["phrase_ids"], batch["boxes"], batch["instance_mask"],
-                     **request)
-    drop = torch.arange(2 * B, device=x.device) >= B  # (2B,): the second half is dropped
-    caption_ids, instance_mask = mmdit.EchoGen.drop_conditions(batch["caption_ids"].repeat(2, 1),
-                                                               batch["instance_mask"].repeat(2, 1), drop)
-    outputs = model(torch.cat([x, x]), torch.cat([t_batch, t_batch]), caption_ids,
-                    batch["phrase_ids"].repeat(2, 1, 1), batch["boxes"].repeat(2, 1, 1), instance_mask, **request)
-    v, idm_loss = outputs if return_idm else (outputs, None)
-    v_cond, v_uncond = v.chunk(2)
-    v = v_uncond + cfg * (v_cond - v_uncond)
-    return (v, idm_loss) if return_idm else v
+    wrapper sees the call), the conditions encoded anew, both halves of guidance in one pass.
+    t: a float, the time of the whole batch. -> (v, L_dis of the pass; the dropped half has no
+    instances, so with guidance it is the conditional half's)."""
+    t_batch = torch.full((x.shape[0],), t, device=x.device)
+    if cfg_scale == 1.0:
+        out = model(x, t_batch, batch["caption_ids"], batch["phrase_ids"], batch["boxes"], batch["instance_mask"])
+        return out.v, out.idm_loss
+    out = model(torch.cat([x, x]), torch.cat([t_batch, t_batch]), *with_null_conditions(batch))
+    return guide(out.v, cfg_scale), out.idm_loss
 
 
-def policy_step(model, batch, x, t, t_next, cfg, a, prev_sample=None, generator=None, return_idm=False):
-    """The policy's step: the guided velocity (under autocast) followed by sde_step_with_logprob.
-    sample_sde calls it to draw, the trainer with prev_sample to score a stored transition: one code
-    path, hence a ratio of exactly 1 with unchanged parameters, provided the module is in the same
-    mode for both (the trainer keeps it in train mode: in eval mode under no_grad,
-    nn.TransformerEncoder takes a fused fast path that rounds differently). batch: the collated
-    conditions of the B rows of x; t, t_next: floats. return_idm (a model with IDM): the step
-    carries L_dis of its velocity pass (the velocity is the same either way)."""
+def policy_step(model, batch, x, t, t_next, cfg_scale, noise_level, prev_sample=None, generator=None):
+    """The policy's step: the guided velocity (under autocast) followed by sde_step_with_logprob, the
+    step carrying L_dis of its velocity pass. sample_sde calls it to draw, the trainer with
+    prev_sample to score a stored transition: one code path, hence a ratio of exactly 1 with unchanged
+    parameters, provided the module is in the same mode for both (the trainer keeps it in train mode:
+    in eval mode under no_grad, nn.TransformerEncoder takes a fused fast path that rounds
+    differently). batch: the collated conditions of the B rows of x; t, t_next: floats."""
     with runtime.autocast(x.device):
-        v = policy_velocity(model, batch, x, t, cfg, return_idm)
-    v, idm_loss = v if return_idm else (v, None)
-    return sde_step_with_logprob(v, x, t, t_next, a, prev_sample, generator)._replace(idm_loss=idm_loss)
+        v, idm_loss = policy_velocity(model, batch, x, t, cfg_scale)
+    return sde_step_with_logprob(v, x, t, t_next, noise_level, prev_sample, generator)._replace(idm_loss=idm_loss)
 
 
 def stochastic_steps(steps, sde_window):
@@ -188,7 +189,7 @@ def stochastic_steps(steps, sde_window):
 
 
 @torch.no_grad()
-def sample_sde(model, batch, noise, steps, cfg, shift, a, generator=None, sde_window=None):
+def sample_sde(model, batch, noise, steps, cfg_scale, shift, noise_level, generator=None, sde_window=None):
     """Sample through the SDE, recording every stochastic step for RL. noise (B, C, R, R); generator
     (one, or a list of one per row) draws the steps' noise. Steps outside sde_window are Euler (ODE) steps. -> dict with
     "x0" (B, C, R, R); per stochastic step s (S of them): "x_t", "x_next" (S, B, C, R, R),
@@ -200,8 +201,8 @@ def sample_sde(model, batch, noise, steps, cfg, shift, a, generator=None, sde_wi
     x = noise.float()
     record = {"x_t": [], "x_next": [], "log_prob": [], "t": [], "t_next": [], "step": []}
     for i, (t, t_next) in enumerate(zip(times[:-1], times[1:])):
-        out = policy_step(model, batch, x, t, t_next, cfg, a if i in stochastic else 0.0, generator=generator)
-        if i in stochastic and a > 0:
+        out = policy_step(model, batch, x, t, t_next, cfg_scale, noise_level if i in stochastic else 0.0, generator=generator)
+        if i in stochastic and noise_level > 0:
             for key, value in (("x_t", x), ("x_next", out.sample), ("log_prob", out.log_prob), ("t", t),
                                ("t_next", t_next), ("step", i)):
                 record[key].append(value)
@@ -227,31 +228,32 @@ def to_uint8(x):
     return list(x.permute(0, 2, 3, 1).cpu().numpy())
 
 
-def generate(model, scenes, tokenizer, steps=25, cfg=3.0, shift=1.0, seed=0, batch_size=64):
+def generate(model, scenes, tokenizer, steps=25, cfg_scale=3.0, shift=1.0, seed=0, batch_size=64):
     """Images for a list of scenes, as uint8 arrays, deterministic given the seed."""
     device = next(model.parameters()).device
     C, R = model.config.channels, model.config.res
     images = []
     for start in range(0, len(scenes), batch_size):
         chunk = scenes[start:start + batch_size]
-        batch = data.collate(chunk, None, tokenizer, model.config.max_instances)
+        batch = layouts.collate(chunk, None, tokenizer, model.config.max_instances)
         batch = {k: v.to(device) for k, v in batch.items()}
         noise = initial_noise(len(chunk), (C, R, R), seed, start).to(device)
-        images += to_uint8(sample(model, batch, noise, steps, cfg, shift))
+        images += to_uint8(sample(model, batch, noise, steps, cfg_scale, shift))
     return images
 
 
-def generate_and_check(model, scenes, tokenizer, steps, cfg, shift, seed=0, grid_path=None, grid_rows=8,
+def generate_and_check(model, scenes, tokenizer, steps, cfg_scale, shift, seed=0, grid_path=None, grid_rows=8,
                        return_images=False):
     """Generate every scene, score the images with the rule-based checker, and optionally save a
     grid: generated image with the asked boxes drawn over it | the true render. Returns the metrics
     (and the images, with return_images)."""
-    images = generate(model, scenes, tokenizer, steps, cfg, shift, seed)
-    metrics = data.check_images(scenes, images)
+    images = generate(model, scenes, tokenizer, steps, cfg_scale, shift, seed)
+    metrics = shapescenes.check_images(scenes, images)
     if grid_path:
-        rows = [[data.draw_boxes(image, scene), data.draw_boxes(data.render_scene(scene, model.config.res), scene)]
+        truth = lambda scene: shapescenes.render_scene(scene, model.config.res)
+        rows = [[layouts.draw_boxes(image, scene), layouts.draw_boxes(truth(scene), scene)]
                 for scene, image in zip(scenes[:grid_rows], images)]
-        data.save_grid(grid_path, rows)
+        layouts.save_grid(grid_path, rows)
     return (metrics, images) if return_images else metrics
 
 
@@ -266,20 +268,20 @@ def main():
     parser.add_argument("--shift", type=runtime.positive_float, default=1.0,
                         help="timestep shift (SD3); > 1 = more steps at high noise")
     parser.add_argument("--seed", type=runtime.seed_int, default=0)
-    parser.add_argument("--batch-size", type=runtime.positive_int, default=64)
+    parser.add_argument("--batch_size", type=runtime.positive_int, default=64)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     args = parser.parse_args()
     runtime.check_output_folder("--out", args.out)
     device = runtime.resolve_device(args.device)
     model, tokenizer, _ = runtime.load_model(args.ckpt, mmdit.EchoGen, "ema", device)
     try:
-        scenes = data.read_layouts(args.layouts, tokenizer, model.config.max_instances)
-    except data.LayoutError as e:
+        scenes = layouts.read_layouts(args.layouts, tokenizer, model.config.max_instances)
+    except runtime.LayoutError as e:
         runtime.fail(str(e))
     images = generate(model, scenes, tokenizer, args.steps, args.cfg, args.shift, args.seed, args.batch_size)
     os.makedirs(args.out, exist_ok=True)
     for scene, image in zip(scenes, images):
-        data.save_png(os.path.join(args.out, f"{scene['id']}.png"), image)
+        layouts.save_png(os.path.join(args.out, f"{scene['id']}.png"), image)
     print(f"wrote {len(images)} images of {model.config.res}x{model.config.res} to {args.out}")
 
 

@@ -4,7 +4,7 @@ only, no images. The policy is the generator sampled through the SDE of sampler.
 the model's own grounding of what it generated, against the layout it was asked for.
 
 Per update:
-  1. layouts_per_update layouts per rank from the world's scene sampler (data.sample_scene, no images),
+  1. layouts_per_update layouts per rank from the world's scene sampler (shapescenes.sample_scene, no images),
      or, on real data (--dataset=coco:..., by default the checkpoint's own), from its training annotations;
   2. group_size samples of each through the SDE (same_noise: the G samples share their initial
      noise and differ by the SDE's noise alone), every stochastic step's transition and log-prob kept;
@@ -58,10 +58,12 @@ from tqdm import tqdm
 
 import curve  # the reward / checker plot
 import data
-import detector
-import eval as evaluation  # eval.py; renamed so as not to shadow the builtin
-import rewards
+import layouts
 import runtime
+import shapescenes
+import detector
+import evaluate
+import rewards
 import objectives
 import sampler
 from model import EchoGen
@@ -75,7 +77,7 @@ log_interval = 1  # updates between JSONL log lines
 eval_interval = 25  # updates between checker figures and a sample grid (0 = only at the end)
 ckpt_interval = 25  # a multiple of reward_refresh (exact resume)
 val_scenes = 64  # the fixed validation set ("val", seed 0)
-eval_steps = 25  # Euler steps of the validation figures: eval.py's and the other scripts', so that they agree
+eval_steps = 25  # Euler steps of the validation figures: evaluate.py's and the other scripts', so that they agree
 # layouts
 dataset = ""  # "" = the checkpoint's own; on real data (coco:...) the layouts are its training annotations (no images)
 data_dir = "data"  # where a real data set's cache lives
@@ -90,7 +92,7 @@ same_noise = False  # True: the G samples of a layout share their initial noise
 sample_steps = 10
 cfg_scale = 3.0
 shift = 1.0
-sde_a = 0.7  # the SDE's noise level a: sigma_t = a sqrt(t / (1 - t))
+sde_noise_level = 0.7  # the SDE's noise level a: sigma_t = a sqrt(t / (1 - t))
 sde_window_start = 0  # the stochastic steps are [start, end) of the schedule; the rest are ODE steps
 sde_window_end = 3  # -1 = sample_steps; the first 3 of 10: the high-noise steps, where the layout is decided (Flow-GRPO-Fast)
 train_steps = "all"  # "all", "early" (the first train_fraction of the stochastic steps) or "random"
@@ -111,7 +113,7 @@ reward_refresh = 5  # updates between refreshes of the frozen own-head copy
 ground_generated = True
 ground_threshold = 1.5  # reward (IoU + confidence, in [0, 2]) from which an image trains the head
 ground_weight = 0.1
-ground_negatives = -1  # hard negative phrases per such image (data.add_hard_negatives); -1 = as the checkpoint's PMTP
+ground_negatives = -1  # hard negative phrases per such image (shapescenes.add_hard_negatives); -1 = as the checkpoint's PMTP
 # the PPO critic
 critic_lr = 1e-3
 critic_hidden = 128
@@ -145,8 +147,8 @@ if algo not in ("grpo", "ppo"):
     runtime.fail(f"algo must be 'grpo' or 'ppo', got {algo!r}")
 if train_steps not in ("all", "early", "random"):
     runtime.fail(f"train_steps must be 'all', 'early' or 'random', got {train_steps!r}")
-if sde_a <= 0:
-    runtime.fail(f"sde_a must be > 0 (the policy needs stochastic steps), got {sde_a}")
+if sde_noise_level <= 0:
+    runtime.fail(f"sde_noise_level must be > 0 (the policy needs stochastic steps), got {sde_noise_level}")
 if ckpt_interval and ckpt_interval % reward_refresh:
     runtime.fail(f"ckpt_interval {ckpt_interval} must be a multiple of reward_refresh {reward_refresh} (exact resume)")
 if algo == "grpo" and group_size < 2:
@@ -175,8 +177,8 @@ model, tokenizer, _ = runtime.load_model(source, EchoGen, "model", dev)
 model_config = model.config
 res, max_instances = model_config.res, model_config.max_instances
 idm_term = idm_weight if model_config.idm else None  # the weight of L_dis, None for a model without IDM
-if not 1 <= min_objects <= max_objects <= min(max_instances, data.MAX_OBJECTS):
-    runtime.fail(f"need 1 <= min_objects <= max_objects <= {min(max_instances, data.MAX_OBJECTS)} "
+if not 1 <= min_objects <= max_objects <= min(max_instances, shapescenes.MAX_OBJECTS):
+    runtime.fail(f"need 1 <= min_objects <= max_objects <= {min(max_instances, shapescenes.MAX_OBJECTS)} "
                  f"(the model's max_instances), got {min_objects}, {max_objects}")
 ema = copy.deepcopy(model).requires_grad_(False)
 ema.load_state_dict(runtime.load_weights(source, "ema", EchoGen))
@@ -211,7 +213,7 @@ if ground_generated and ground_negatives and dataset != "shapescenes":
     runtime.fail(f"ground_negatives {ground_negatives}: hard negatives swap ShapeScenes' shape and color words; "
                  f"set ground_negatives=0 for dataset {dataset!r}")
 if dataset == "shapescenes":
-    layout_pool, val_set = None, data.make_scene_set("val", val_scenes, seed=0)
+    layout_pool, val_set = None, shapescenes.make_scene_set("val", val_scenes, seed=0)
 else:  # the training scenes' layouts, their captions picked with the checkpoint's tokenizer; a bad spec stops here
     real, _, val_set = data.load_dataset_on_ranks(dist_ctx, dataset, res, max_instances, data_dir,
                                                   val_scenes=val_scenes, tokenizer=tokenizer)
@@ -243,10 +245,10 @@ def draw_layouts(update):
     first = dist_ctx.rank * layouts_per_update
     rngs = [np.random.default_rng([layout_seed, update, first + i]) for i in range(layouts_per_update)]
     if layout_pool is None:
-        scenes = [data.sample_scene(rng, (min_objects, max_objects)) for rng in rngs]
+        scenes = [shapescenes.sample_scene(rng, (min_objects, max_objects)) for rng in rngs]
     else:
         scenes = [layout_pool[int(rng.integers(len(layout_pool)))] for rng in rngs]
-    batch = data.collate(scenes, None, tokenizer, max_instances)
+    batch = layouts.collate(scenes, None, tokenizer, max_instances)
     return scenes, {k: v.repeat_interleave(group_size, dim=0).to(dev) for k, v in batch.items()}
 
 
@@ -322,10 +324,9 @@ def policy_update(trajectory, batch, advantages, weight, steps, update):
             x_t, x_next = trajectory["x_t"][s][rows], trajectory["x_next"][s][rows]
             if dist_ctx.ddp:  # gradients are all-reduced with the last step's backward (nanoGPT)
                 train_model.require_backward_grad_sync = i == len(steps) - 1
-            out = sampler.policy_step(train_model, sub, x_t, t, t_next, cfg_scale, sde_a, prev_sample=x_next,
-                                      return_idm=idm_term is not None)
+            out = sampler.policy_step(train_model, sub, x_t, t, t_next, cfg_scale, sde_noise_level, prev_sample=x_next)
             with torch.no_grad():
-                ref = sampler.policy_step(reference, sub, x_t, t, t_next, cfg_scale, sde_a, prev_sample=x_next)
+                ref = sampler.policy_step(reference, sub, x_t, t, t_next, cfg_scale, sde_noise_level, prev_sample=x_next)
             kl = sampler.gaussian_step_kl(out.mean, ref.mean, out.std)
             old_log_prob = trajectory["log_prob"][s][rows]
             policy_loss, step_stats = rewards.clipped_policy_loss(out.log_prob, old_log_prob, advantages[i][rows],
@@ -354,13 +355,13 @@ def ground_generated_images(images, batch, reward, update):
     use = reward >= ground_threshold
     if ground_negatives:  # seeded by the update and each image's place in the global batch (resume, DDP)
         first = dist_ctx.rank * samples_per_rank
-        batch = data.add_hard_negatives(batch, tokenizer, ground_negatives,
+        batch = shapescenes.add_hard_negatives(batch, tokenizer, ground_negatives,
                                         [[seed, update, first + j] for j in range(samples_per_rank)])
     B = images.shape[0]
     task = torch.ones(B, dtype=torch.long, device=dev)
     with runtime.autocast(dev):
-        _, grounding = train_model(images.detach(), torch.zeros(B, device=dev), batch["caption_ids"],
-                                   batch["phrase_ids"], batch["boxes"], batch["instance_mask"], task)
+        grounding = train_model(images.detach(), torch.zeros(B, device=dev), batch["caption_ids"],
+                                batch["phrase_ids"], batch["boxes"], batch["instance_mask"], task).grounding
     loss = criterion(grounding, batch["boxes"], batch["phrase_ids"], batch["instance_mask"] & use[:, None],
                      batch.get("negative"))["loss"]
     (ground_weight * loss).backward()
@@ -373,7 +374,7 @@ def checker_per_image(images, scenes):
     instances. Logged beside the reward to show whether the reward agrees with the checker; it never
     enters the reward."""
     pictures = sampler.to_uint8(images)
-    return torch.tensor([float(np.mean([data.check_instance(picture, inst)["success"]
+    return torch.tensor([float(np.mean([shapescenes.check_instance(picture, inst)["success"]
                                         for inst in scenes[j // group_size]["instances"]]))
                          for j, picture in enumerate(pictures)], device=dev)
 
@@ -390,7 +391,7 @@ def rl_update(update):
     noise, per_minibatch = draw_noise(update), samples_per_rank // minibatches
     rows = [slice(m * per_minibatch, (m + 1) * per_minibatch) for m in range(minibatches)]
     parts = [sampler.sample_sde(model, {k: v[r] for k, v in batch.items()}, noise[r], sample_steps, cfg_scale, shift,
-                                sde_a, sde_generators[r], sde_window) for r in rows]
+                                sde_noise_level, sde_generators[r], sde_window) for r in rows]
     trajectory = {"x0": torch.cat([p["x0"] for p in parts]),  # (B, C, R, R); the steps' records are (S, B, ...)
                   **{k: torch.cat([p[k] for p in parts], dim=1) for k in ("x_t", "x_next", "log_prob")},
                   **{k: parts[0][k] for k in ("t", "t_next", "step")}}
@@ -432,16 +433,16 @@ def rl_update(update):
     return record, trajectory["x0"], scenes
 
 
-def evaluate(update):
+def validate(update):
     """The EMA model on the fixed validation set (rank 0): checker figures, grounding, a sample grid."""
     grid = os.path.join(out_dir, "samples", f"update{update:06d}.png")
     os.makedirs(os.path.dirname(grid), exist_ok=True)
     ema.eval()
-    metrics = evaluation.evaluate(ema, val_set, tokenizer, eval_steps, cfg_scale, shift, grid_path=grid,
+    metrics = evaluate.evaluate(ema, val_set, tokenizer, eval_steps, cfg_scale, shift, grid_path=grid,
                                   judge=judge_grounder)
     log.write({"step": update, "eval": metrics})
     curve.plot_cycle_rl(curve.read_log(log.path), os.path.join(out_dir, "reward.png"), f"Cycle RL ({algo}), {out_dir}")
-    tqdm.write(f"update {update}: val {evaluation.summary(metrics)} -> {grid}")
+    tqdm.write(f"update {update}: val {evaluate.summary(metrics)} -> {grid}")
 
 
 def save(update):
@@ -451,7 +452,7 @@ def save(update):
 
 
 if dist_ctx.master and step == 0 and val_scenes:
-    evaluate(0)  # the starting point, for the before / after comparison
+    validate(0)  # the starting point, for the before / after comparison
 progress = tqdm(total=max_steps, initial=step, disable=not dist_ctx.master, desc=f"cycle-rl {algo}")
 window_start = time.perf_counter()
 while step < max_steps:
@@ -470,11 +471,11 @@ while step < max_steps:
         log.write({"step": step, **record, "lr": step_lr, "seconds": time.perf_counter() - window_start})
         window_start = time.perf_counter()
     if dist_ctx.master and val_scenes and ((eval_interval and step % eval_interval == 0) or step == max_steps):
-        evaluate(step)
+        validate(step)
         # the policy's own samples of this update, one row per group, the asked boxes drawn over them
-        rows = [[data.draw_boxes(image, scene) for image in sampler.to_uint8(images[i * group_size:(i + 1) * group_size])]
+        rows = [[layouts.draw_boxes(image, scene) for image in sampler.to_uint8(images[i * group_size:(i + 1) * group_size])]
                 for i, scene in enumerate(scenes)]
-        data.save_grid(os.path.join(out_dir, "samples", f"update{step:06d}_groups.png"), rows)
+        layouts.save_grid(os.path.join(out_dir, "samples", f"update{step:06d}_groups.png"), rows)
     if dist_ctx.master and ((ckpt_interval and step % ckpt_interval == 0) or step == max_steps):
         save(step)
 progress.close()

@@ -31,9 +31,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
-import detector
-import eval as evaluation  # eval.py; renamed so as not to shadow the builtin
 import runtime
+import shapescenes
+import detector
+import evaluate
 import objectives
 from model import EchoGen
 from objectives import djo_loss, sample_pmtp_draws, sample_timesteps
@@ -125,7 +126,7 @@ cycle_criterion = objectives.GroundingCriterion(weights={"l1": 5.0, "giou": 2.0,
 
 # data, tokenized with the checkpoint's tokenizer: rank 0 prepares the cache once; the others wait and read it
 config["dataset"] = dataset = dataset or saved["train"].get("dataset", "shapescenes")
-config["ground_negatives"] = ground_negatives = data.resolve_ground_negatives(ground_negatives, dataset, ground_every)
+config["ground_negatives"] = ground_negatives = shapescenes.resolve_ground_negatives(ground_negatives, dataset, ground_every)
 cache, _, val_set = data.load_dataset_on_ranks(dist_ctx, dataset, res, max_instances, data_dir, cache_scenes, data_seed,
                                                val_scenes, tokenizer=tokenizer)
 judge_grounder = detector.load_grounder(judge, dev) if judge else None
@@ -162,7 +163,7 @@ def train_step(step):
         part = slice(micro * batch_size, (micro + 1) * batch_size)
         batch = cache.batch(indices[part])
         if ground_negatives:
-            batch = data.step_negatives(batch, tokenizer, ground_negatives, seed, step, mine.start + part.start,
+            batch = shapescenes.step_negatives(batch, tokenizer, ground_negatives, seed, step, mine.start + part.start,
                                         rows=draws[0][part] == 1)
         batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
         if dist_ctx.ddp:  # gradients are all-reduced only on the last micro-step (nanoGPT)
@@ -178,14 +179,14 @@ def train_step(step):
     return total_loss, parts, guard.step(model, optimizer, grad_clip, step)
 
 
-def evaluate(step):
+def validate(step):
     """The EMA model on the fixed validation set (rank 0): checker figures, grounding, a sample grid."""
     grid = os.path.join(out_dir, "samples", f"step{step:06d}.png")
     os.makedirs(os.path.dirname(grid), exist_ok=True)
-    metrics = evaluation.evaluate(ema, val_set, tokenizer, sample_steps, cfg_scale, shift, grid_path=grid,
+    metrics = evaluate.evaluate(ema, val_set, tokenizer, sample_steps, cfg_scale, shift, grid_path=grid,
                                   judge=judge_grounder)
     log.write({"step": step, "eval": metrics})
-    tqdm.write(f"step {step}: val {evaluation.summary(metrics)} -> {grid}")
+    tqdm.write(f"step {step}: val {evaluate.summary(metrics)} -> {grid}")
 
 
 progress = tqdm(total=max_steps, initial=step, disable=not dist_ctx.master, desc="djo")
@@ -208,7 +209,7 @@ while step < max_steps:
         log.write({"step": step, "loss": loss, **parts, "lr": step_lr, "steps_per_s": window_steps / elapsed})
         window_start, window_steps = time.perf_counter(), 0
     if dist_ctx.master and val_scenes and ((eval_interval and step % eval_interval == 0) or step == max_steps):
-        evaluate(step)
+        validate(step)
     if dist_ctx.master and ((ckpt_interval and step % ckpt_interval == 0) or step == max_steps):
         runtime.save_checkpoint(ckpt_path, model, ema, optimizer, tokenizer, config, step)
 progress.close()

@@ -22,7 +22,7 @@ Two nodes (run on both; add NCCL_IB_DISABLE=1 where there is no InfiniBand):
     torchrun --nproc_per_node=8 --nnodes=2 --node_rank=0 --master_addr=IP --master_port=1234 train_pretrain.py config/gpu.py
 DDP on the CPU (gloo), as the tests do:
     torchrun --standalone --nproc_per_node=2 train_pretrain.py --batch_size=16
-Real data (COCO format; the validation figures need a judge, detector.py train on the same spec):
+Real data (COCO format; the validation figures need a judge, train_detector.py on the same spec):
     python train_pretrain.py --dataset=coco:coco/annotations/instances_train2017.json:coco/train2017:coco/annotations/captions_train2017.json
 Any config value below can be overridden: --key=value, or a config file of assignments.
 """
@@ -37,9 +37,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
-import detector
-import eval as evaluation  # eval.py; renamed so as not to shadow the builtin
+import layouts
 import runtime
+import shapescenes
+import detector
+import evaluate
 import objectives
 from model import EchoGen, ModelConfig
 from objectives import pmtp_loss, sample_pmtp_draws
@@ -53,7 +55,7 @@ log_interval = 10  # steps between JSONL log lines
 eval_interval = 250  # steps between checker figures and a sample grid (0 = only at the end)
 ckpt_interval = 250  # steps between checkpoints (always one at the end)
 # data
-dataset = "shapescenes"  # or real data: coco:INSTANCES.json:IMAGE_DIR[:CAPTIONS.json][:key=value ...] (data.DATASET_HELP)
+dataset = "shapescenes"  # or real data: coco:INSTANCES.json:IMAGE_DIR[:CAPTIONS.json][:key=value ...] (coco.DATASET_HELP)
 judge = ""  # real data: a StandaloneDetector checkpoint that scores the validation images (ISR, mIoU)
 data_dir = "data"  # where the pre-rendered cache lives
 res = 32
@@ -75,7 +77,7 @@ prediction = "x0"  # "x0" (JiT) or "v": what the network outputs; the loss is on
 # optimizer
 batch_size = 32  # per rank and micro-step; global batch = batch_size * grad_accum * world size
 grad_accum = 1
-lr = 2e-3  # 1e-3 and 3e-3 learn shapes slower per minute (docs/shapes.md, "Optimizer and EMA")
+lr = 2e-3  # 1e-3 and 3e-3 learn shapes slower per minute (docs/shapes.md, "Optimizer, EMA and the grounding head")
 min_lr = 1e-4
 weight_decay = 0.0
 beta1 = 0.9
@@ -93,11 +95,11 @@ ground_every = 4  # every 4th sample of the global batch is a grounding sample; 
 ground_weight = 0.1  # total loss = flow + ground_weight * grounding (the DETR terms sum to ~10x the flow MSE)
 ground_clean = 0.5  # share of grounding samples on the clean image, t = 0
 ground_t_max = 0.5  # the others at t ~ U[0, ground_t_max]
-ground_negatives = -1  # hard negative phrases per grounding sample (data.add_hard_negatives, ShapeScenes): a
+ground_negatives = -1  # hard negative phrases per grounding sample (shapescenes.add_hard_negatives, ShapeScenes): a
 #                        confidence that sees shapes and colors, not only boxes (Cycle RL's reward); 0 = none,
 #                        -1 = 2 where they apply (ShapeScenes with grounding samples), else none
 ground_confusable = 0.5  # share of grounding samples drawn from scenes where two objects share a color
-#                         (data.confusable_scenes): a head that must see shapes, not only colors; 0 = none
+#                         (shapescenes.confusable_scenes): a head that must see shapes, not only colors; 0 = none
 ground_depth = 2  # decoder layers of the grounding head
 ground_candidates = 1  # boxes each grounding query proposes, its answer the most confident (model.GroundingHead)
 # IDM's disentangle constraint (only with idm = True)
@@ -127,7 +129,7 @@ if prediction not in ("v", "x0") or layout_map < 0 or pixel_head < 0:
 if ground_every and batch_size % ground_every:
     runtime.fail(f"batch_size {batch_size} must be a multiple of ground_every {ground_every}, "
                  "so that every micro-batch holds both tasks")
-config["ground_negatives"] = ground_negatives = data.resolve_ground_negatives(ground_negatives, dataset, ground_every)
+config["ground_negatives"] = ground_negatives = shapescenes.resolve_ground_negatives(ground_negatives, dataset, ground_every)
 global_batch = batch_size * grad_accum * dist_ctx.world
 ckpt_path = os.path.join(out_dir, "ckpt")
 torch.manual_seed(seed)  # same initial weights on every rank
@@ -139,7 +141,8 @@ judge_grounder = detector.load_grounder(judge, dev) if judge else None
 # the confusable scenes are ShapeScenes' two objects of one color; real data's first words are not colors
 if dataset != "shapescenes" or not ground_every:
     config["ground_confusable"] = ground_confusable = 0.0
-confusable = data.confusable_scenes(cache.arrays["phrase_ids"], cache.arrays["instance_mask"]) if ground_confusable else None
+confusable = (shapescenes.confusable_scenes(cache.arrays["phrase_ids"], cache.arrays["instance_mask"])
+              if ground_confusable else None)
 if confusable is not None and not len(confusable):  # a cache of a handful of scenes may hold none
     print(f"ground_confusable {ground_confusable}: no confusable scene in the cache, none drawn", file=sys.stderr)
     confusable = None
@@ -147,7 +150,7 @@ if confusable is not None and not len(confusable):  # a cache of a handful of sc
 # model, EMA, optimizer
 model_config = ModelConfig(res=res, patch=patch, dim=dim, depth=depth, heads=heads, text_depth=text_depth,
                            vocab_size=tokenizer.get_vocab_size(), max_instances=max_instances,
-                           max_caption_len=data.MAX_CAPTION_LEN, max_phrase_len=data.MAX_PHRASE_LEN,
+                           max_caption_len=layouts.MAX_CAPTION_LEN, max_phrase_len=layouts.MAX_PHRASE_LEN,
                            grounding=ground_every > 0, ground_depth=ground_depth,
                            ground_candidates=ground_candidates, idm=idm,
                            box_attn_bias=box_attn_bias, layout_map=layout_map,
@@ -205,7 +208,8 @@ def train_step(step):
     draws = draw_step_randomness(step)
     indices = runtime.global_batch_indices(step, global_batch, len(cache), data_seed)
     if confusable is not None:
-        indices = data.draw_confusable(indices, draws[0].cpu().numpy() == 1, confusable, ground_confusable, data_seed, step)
+        indices = shapescenes.draw_confusable(indices, draws[0].cpu().numpy() == 1, confusable, ground_confusable,
+                                              data_seed, step)
     mine = runtime.rank_slice(global_batch, dist_ctx)
     indices, *draws = (x[mine] for x in (indices, *draws))
     total_loss, parts, data_seconds = 0.0, {}, 0.0
@@ -214,7 +218,7 @@ def train_step(step):
         tic = time.perf_counter()
         batch = cache.batch(indices[part])
         if ground_negatives:
-            batch = data.step_negatives(batch, tokenizer, ground_negatives, seed, step, mine.start + part.start,
+            batch = shapescenes.step_negatives(batch, tokenizer, ground_negatives, seed, step, mine.start + part.start,
                                         rows=draws[0][part] == 1)
         batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
         data_seconds += time.perf_counter() - tic
@@ -231,15 +235,15 @@ def train_step(step):
     return total_loss, parts, data_seconds, guard.step(model, optimizer, grad_clip, step)
 
 
-def evaluate(step):
+def validate(step):
     """The EMA model on the fixed validation set (rank 0): the checker's figures of its images, a
     sample grid and, with PMTP, its grounding of the true renders."""
     grid = os.path.join(out_dir, "samples", f"step{step:06d}.png")
     os.makedirs(os.path.dirname(grid), exist_ok=True)
-    metrics = evaluation.evaluate(ema, val_set, tokenizer, sample_steps, cfg_scale, shift, grid_path=grid,
+    metrics = evaluate.evaluate(ema, val_set, tokenizer, sample_steps, cfg_scale, shift, grid_path=grid,
                                   judge=judge_grounder)
     log.write({"step": step, "train_seconds": train_seconds, "eval": metrics})
-    tqdm.write(f"step {step}: val {evaluation.summary(metrics)} -> {grid}")
+    tqdm.write(f"step {step}: val {evaluate.summary(metrics)} -> {grid}")
 
 
 model.train()
@@ -268,7 +272,7 @@ while step < max_steps:
                    "train_seconds": train_seconds})
         window_start, window_data, window_steps = time.perf_counter(), 0.0, 0
     if dist_ctx.master and ((eval_interval and step % eval_interval == 0) or step == max_steps) and val_scenes:
-        evaluate(step)
+        validate(step)
     if dist_ctx.master and ((ckpt_interval and step % ckpt_interval == 0) or step == max_steps):
         runtime.save_checkpoint(ckpt_path, model, ema, optimizer, tokenizer, config, step)
 progress.close()

@@ -16,9 +16,12 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import coco  # noqa: E402
 import data  # noqa: E402
-import detector  # noqa: E402
+import layouts  # noqa: E402
 import runtime  # noqa: E402
+import shapescenes  # noqa: E402
+import detector  # noqa: E402
 from model import EchoGen, ModelConfig  # noqa: E402
 from test_coco import write_coco  # noqa: E402
 
@@ -40,16 +43,16 @@ def world(tmp_path_factory):
     result = run(["train_pretrain.py", *MICRO, "--max_steps=2", f"--data_dir={root / 'data'}",
                   f"--out_dir={root / 'run'}"])
     assert result.returncode == 0, result.stderr[-3000:]
-    tokenizer = data.build_tokenizer()
+    tokenizer = shapescenes.build_tokenizer()
     gen_only = EchoGen(ModelConfig(res=32, patch=8, dim=32, depth=1, heads=2, text_depth=1, max_instances=4,
                                    vocab_size=tokenizer.get_vocab_size(), grounding=False))
     runtime.save_checkpoint(str(root / "gen_only"), gen_only, gen_only, torch.optim.AdamW(gen_only.parameters()),
                             tokenizer, {}, 0)
-    scenes = data.make_scene_set("val", 2, seed=0)
-    data.write_layouts(str(root / "layouts.json"), scenes)
+    scenes = shapescenes.make_scene_set("val", 2, seed=0)
+    layouts.write_layouts(str(root / "layouts.json"), scenes)
     (root / "images").mkdir()
     for scene in scenes:
-        data.save_png(str(root / "images" / f"{scene['id']}.png"), data.render_scene(scene, 32))
+        layouts.save_png(str(root / "images" / f"{scene['id']}.png"), shapescenes.render_scene(scene, 32))
     write_coco(root / "coco")
     return root
 
@@ -77,7 +80,7 @@ def scene(scene_id="s1", box=(0.1, 0.1, 0.4, 0.4), **fields):
             **fields}
 
 
-def layouts(t, *scenes, text=None):
+def layout_file_in(t, *scenes, text=None):
     """A layout file in t: the scenes as JSON (NaN and Infinity as Python's json writes them), or raw bytes."""
     path = t / "layouts.json"
     path.write_bytes(text if text is not None else json.dumps({"scenes": list(scenes)}).encode())
@@ -141,7 +144,7 @@ def sample(w, t, *flags, checkpoint=None, layout_file=None, out=None):
 
 
 def evaluate(w, t, *flags, checkpoint=None, out=None):
-    return ["eval.py", "--ckpt", checkpoint or ckpt(w), "--sets", "val", "--n", "1", "--steps", "1", "--device", "cpu",
+    return ["evaluate.py", "--ckpt", checkpoint or ckpt(w), "--sets", "val", "--n", "1", "--steps", "1", "--device", "cpu",
             "--out", out or t / "eval", *flags]
 
 
@@ -170,7 +173,7 @@ def resume(w, t, damage):
             f"--out_dir={t / 'run'}"]
 
 
-def coco(w, t, change, captions=None):
+def coco_run(w, t, change, captions=None):
     """train_pretrain.py on a copy of the COCO set's instances file, changed by change(document), and
     on captions (a captions document) when given."""
     document = json.loads((w / "coco" / "instances.json").read_text())
@@ -191,29 +194,29 @@ no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has
 # (id, the command as a function of (w, t), what its error line must hold)
 CASES = [
     # layout files: one reader for sampler.py, data.py render / check and detector.py predict
-    ("layout box NaN", lambda w, t: sample(w, t, layout_file=layouts(t, scene("ok"), scene(box=(NAN, 0, 0.5, 0.3)))),
+    ("layout box NaN", lambda w, t: sample(w, t, layout_file=layout_file_in(t, scene("ok"), scene(box=(NAN, 0, 0.5, 0.3)))),
      ["scene s1: instances[0].box", "nan"]),
-    ("layout box Infinity", lambda w, t: render(t, layouts(t, scene(box=(0, 0, INF, 1)))),
+    ("layout box Infinity", lambda w, t: render(t, layout_file_in(t, scene(box=(0, 0, INF, 1)))),
      ["scene s1: instances[0].box", "inf"]),
-    ("layout file not UTF-8", lambda w, t: sample(w, t, layout_file=layouts(t, text=b'{"scenes": [{"id": "\xff"}]}')),
+    ("layout file not UTF-8", lambda w, t: sample(w, t, layout_file=layout_file_in(t, text=b'{"scenes": [{"id": "\xff"}]}')),
      ["layouts.json", "not UTF-8"]),
-    ("scene id of 300 characters", lambda w, t: sample(w, t, layout_file=layouts(t, scene("ok"), scene("a" * 300))),
+    ("scene id of 300 characters", lambda w, t: sample(w, t, layout_file=layout_file_in(t, scene("ok"), scene("a" * 300))),
      ["scenes[1]: id", "300 bytes", "more than 100"]),
-    ("scene id with a path separator", lambda w, t: predict(w, t, layout_file=layouts(t, scene("sub/s1"))),
+    ("scene id with a path separator", lambda w, t: predict(w, t, layout_file=layout_file_in(t, scene("sub/s1"))),
      ["scenes[0]: id", "sub/s1"]),
-    ("caption not a string", lambda w, t: check(w, layouts(t, scene(caption=7))),
+    ("caption not a string", lambda w, t: check(w, layout_file_in(t, scene(caption=7))),
      ["scene s1: caption", "not a string"]),
-    ("layout file without scenes", lambda w, t: sample(w, t, layout_file=layouts(t)),
+    ("layout file without scenes", lambda w, t: sample(w, t, layout_file=layout_file_in(t)),
      ["layouts.json", "scenes: empty"]),
-    ("image that is not a PNG", lambda w, t: check(w, layouts(t, scene()), not_a_png(t)),
+    ("image that is not a PNG", lambda w, t: check(w, layout_file_in(t, scene()), not_a_png(t)),
      ["scene s1: image", "s1.png"]),
     # sampler.py's flags
     ("sampler --out is a file", lambda w, t: sample(w, t, out=w / "layouts.json"), ["--out", "not a folder"]),
-    ("sampler --batch-size 0", lambda w, t: sample(w, t, "--batch-size", "0"), ["--batch-size", "'0'", ">= 1"]),
+    ("sampler --batch_size 0", lambda w, t: sample(w, t, "--batch_size", "0"), ["--batch_size", "'0'", ">= 1"]),
     ("sampler --cfg inf", lambda w, t: sample(w, t, "--cfg", "inf"), ["--cfg", "'inf'"]),
     pytest.param("sampler --device cuda without CUDA", lambda w, t: sample(w, t, "--device", "cuda"),
                  ["--device cuda", "no CUDA device"], marks=no_cuda),
-    # eval.py's flags
+    # evaluate.py's flags
     ("eval --n 0", lambda w, t: evaluate(w, t, "--n", "0"), ["--n", "'0'"]),
     ("eval --steps 0", lambda w, t: evaluate(w, t, "--steps", "0"), ["--steps", "'0'"]),
     ("eval --out is a file", lambda w, t: evaluate(w, t, out=w / "layouts.json"), ["--out", "not a folder"]),
@@ -249,14 +252,14 @@ CASES = [
     ("resume with a truncated train_state.pt", lambda w, t: resume(w, t, truncate("train_state.pt")),
      ["ckpt", "train_state.pt is damaged"]),
     # COCO annotation files, through a training script
-    ("COCO bbox NaN", lambda w, t: coco(w, t, set_in(["annotations", 0, "bbox"], [NAN, 0.0, NAN, 0.3])),
+    ("COCO bbox NaN", lambda w, t: coco_run(w, t, set_in(["annotations", 0, "bbox"], [NAN, 0.0, NAN, 0.3])),
      ["instances.json: annotations[0].bbox", "NaN"]),
-    ("COCO empty category name", lambda w, t: coco(w, t, set_in(["categories", 0, "name"], "")),
+    ("COCO empty category name", lambda w, t: coco_run(w, t, set_in(["categories", 0, "name"], "")),
      ["instances.json: categories[0].name", "category id 1"]),
-    ("COCO category name of 13 tokens", lambda w, t: coco(w, t, set_in(["categories", 0, "name"], LONG_NAME)),
+    ("COCO category name of 13 tokens", lambda w, t: coco_run(w, t, set_in(["categories", 0, "name"], LONG_NAME)),
      ["tokens, more than 12", LONG_NAME]),
     ("COCO caption not a string",
-     lambda w, t: coco(w, t, lambda document: None, captions={"annotations": [{"image_id": 100, "caption": 5}]}),
+     lambda w, t: coco_run(w, t, lambda document: None, captions={"annotations": [{"image_id": 100, "caption": 5}]}),
      ["captions.json: annotations[0].caption", "not str"]),
 ]
 
@@ -287,9 +290,9 @@ def test_bad_input_stops_with_one_line_and_writes_nothing(world, tmp_path, name,
     ('{"phrase": "red circle", "box": [0.1, 0.1, 0.3, 0.3], "score": NaN}', "score: not a number in [0, 1] (NaN)"),
 ])
 def test_read_layouts_refuses_non_finite_and_boolean_numbers(tmp_path, instance, expected):
-    path = layouts(tmp_path, text=b'{"scenes": [{"id": "s1", "instances": [%s]}]}' % instance.encode())
-    with pytest.raises(data.LayoutError, match=r"^scene s1: instances\[0\]") as error:
-        data.read_layouts(str(path), data.build_tokenizer(), 4)
+    path = layout_file_in(tmp_path, text=b'{"scenes": [{"id": "s1", "instances": [%s]}]}' % instance.encode())
+    with pytest.raises(runtime.LayoutError, match=r"^scene s1: instances\[0\]") as error:
+        layouts.read_layouts(str(path), shapescenes.build_tokenizer(), 4)
     assert expected in str(error.value) and "\n" not in str(error.value)
 
 
@@ -299,21 +302,21 @@ def test_read_layouts_refuses_non_finite_and_boolean_numbers(tmp_path, instance,
     ("ж" * 51, "102 bytes in UTF-8, more than 100"),
 ])
 def test_read_layouts_refuses_ids_that_are_not_safe_file_names(tmp_path, scene_id, expected):
-    path = layouts(tmp_path, scene(scene_id))
-    with pytest.raises(data.LayoutError, match=r"^scenes\[0\]: id: ") as error:
-        data.read_layouts(str(path), data.build_tokenizer(), 4)
+    path = layout_file_in(tmp_path, scene(scene_id))
+    with pytest.raises(runtime.LayoutError, match=r"^scenes\[0\]: id: ") as error:
+        layouts.read_layouts(str(path), shapescenes.build_tokenizer(), 4)
     assert expected in str(error.value)
 
 
 def test_read_layouts_refuses_ids_that_differ_in_case_only(tmp_path):
-    path = layouts(tmp_path, scene("s1"), scene("S1"))  # one file where the file system ignores case
-    with pytest.raises(data.LayoutError, match=r"^scene S1: id: duplicate \('S1'"):
-        data.read_layouts(str(path), data.build_tokenizer(), 4)
+    path = layout_file_in(tmp_path, scene("s1"), scene("S1"))  # one file where the file system ignores case
+    with pytest.raises(runtime.LayoutError, match=r"^scene S1: id: duplicate \('S1'"):
+        layouts.read_layouts(str(path), shapescenes.build_tokenizer(), 4)
 
 
 def test_read_layouts_takes_ids_of_100_bytes(tmp_path):
-    path = layouts(tmp_path, scene("a" * 100), scene("ж" * 50))
-    assert [s["id"] for s in data.read_layouts(str(path), data.build_tokenizer(), 4)] == ["a" * 100, "ж" * 50]
+    path = layout_file_in(tmp_path, scene("a" * 100), scene("ж" * 50))
+    assert [s["id"] for s in layouts.read_layouts(str(path), shapescenes.build_tokenizer(), 4)] == ["a" * 100, "ж" * 50]
 
 
 @pytest.mark.parametrize("change, expected", [
@@ -328,7 +331,7 @@ def test_read_coco_refuses_before_writing_anything(world, tmp_path, change, expe
     document = json.loads((world / "coco" / "instances.json").read_text())
     change(document)
     (tmp_path / "instances.json").write_text(json.dumps(document))
-    with pytest.raises(data.LayoutError, match=expected):
+    with pytest.raises(runtime.LayoutError, match=expected):
         data.load_dataset(f"coco:{tmp_path / 'instances.json'}:{world / 'coco' / 'images'}", 32, 4,
                           str(tmp_path / "data"))
     assert not (tmp_path / "data").exists()
@@ -379,5 +382,5 @@ def test_an_output_folder_under_a_file_is_refused(world, capsys):
 
 
 def test_coco_spec_refuses_a_negative_val(world):
-    with pytest.raises(data.LayoutError, match="val >= 0 or -1"):
-        data.parse_dataset_spec(f"coco:{world / 'coco' / 'instances.json'}:{world / 'coco' / 'images'}:val=-2")
+    with pytest.raises(runtime.LayoutError, match="val >= 0 or -1"):
+        coco.parse_dataset_spec(f"coco:{world / 'coco' / 'instances.json'}:{world / 'coco' / 'images'}:val=-2")

@@ -1,7 +1,7 @@
-"""Real data: data.py's COCO-format loader, on a small data set that these tests write themselves (a
+"""Real data: coco.py's COCO-format loader, on a small data set that these tests write themselves (a
 dozen images drawn with PIL, an instances file and a captions file): boxes through resizing,
 cropping and padding, the filters, phrases and captions, the trained tokenizer, one error per kind
-of bad annotation file, and every stage (and eval.py, sampler.py) run on it as a user runs them."""
+of bad annotation file, and every stage (and evaluate.py, sampler.py) run on it as a user runs them."""
 
 import json
 import os
@@ -16,7 +16,11 @@ from tokenizers import Tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import coco  # noqa: E402
 import data  # noqa: E402
+import layouts  # noqa: E402
+import runtime  # noqa: E402
+import shapescenes  # noqa: E402
 
 # category id, name (LVIS-style underscores in one), the color its rectangles are drawn in
 CATEGORIES = [(1, "red block", (220, 40, 40)), (2, "blue_ball", (40, 70, 215)), (3, "green box", (40, 170, 60)),
@@ -76,7 +80,7 @@ def write_coco(root, n_images=len(SIZES)):
 
 
 @pytest.fixture(scope="module")
-def coco(tmp_path_factory):
+def coco_set(tmp_path_factory):
     root = tmp_path_factory.mktemp("coco")
     instances, captions = write_coco(root)
     return root, instances, captions
@@ -97,7 +101,7 @@ def everything(cache, val):
 
 
 def visible_fraction(bbox, width, height, fit):
-    left, top, side = data.fit_window(width, height, fit)
+    left, top, side = coco.fit_window(width, height, fit)
     x, y, w, h = bbox
     inside_w = max(0, min(x + w, left + side) - max(x, left))
     inside_h = max(0, min(y + h, top + side) - max(y, top))
@@ -109,14 +113,14 @@ def visible_fraction(bbox, width, height, fit):
 
 @pytest.mark.parametrize("fit", ["crop", "pad"])
 @pytest.mark.parametrize("res", [32, 64])
-def test_drawn_rectangles_land_where_the_transformed_boxes_say(coco, fit, res):
+def test_drawn_rectangles_land_where_the_transformed_boxes_say(coco_set, fit, res):
     """The boxes come from the annotations, the pixels from resizing the drawn images: each pixel is
     labelled with its nearest drawing color, and the tight box of a rectangle's color must be the
     transformed box to the pixel (within 0.6 px: a pixel half covered by the edge may go either way)."""
-    root, _, _ = coco
+    root, _, _ = coco_set
     cache, _, val = load(root, f"fit={fit}", res=res)
     names = [name.replace("_", " ") for _, name, _ in CATEGORIES]
-    palette = np.array([rgb for _, _, rgb in CATEGORIES] + [BACKGROUND, (data.PAD_GRAY,) * 3], np.float64)
+    palette = np.array([rgb for _, _, rgb in CATEGORIES] + [BACKGROUND, (coco.PAD_GRAY,) * 3], np.float64)
     checked = 0
     for scene, image in everything(cache, val):
         assert image.shape == (res, res, 3) and image.dtype == np.uint8
@@ -129,8 +133,8 @@ def test_drawn_rectangles_land_where_the_transformed_boxes_say(coco, fit, res):
     assert checked >= 25
 
 
-def test_crop_drops_what_it_cuts_away_and_pad_keeps_everything(coco):
-    root, instances, _ = coco
+def test_crop_drops_what_it_cuts_away_and_pad_keeps_everything(coco_set):
+    root, instances, _ = coco_set
     sizes = {image["id"]: (image["width"], image["height"]) for image in instances["images"]}
     for fit in ("crop", "pad"):
         cache, _, val = load(root, f"fit={fit}", "val=0")
@@ -145,24 +149,24 @@ def test_crop_drops_what_it_cuts_away_and_pad_keeps_everything(coco):
     assert any(visible_fraction(a["bbox"], *sizes[a["image_id"]], "crop") < 0.5 for a in instances["annotations"])
 
 
-def test_crowd_and_tiny_boxes_are_filtered_by_configurable_rules(coco):
-    root, _, _ = coco
+def test_crowd_and_tiny_boxes_are_filtered_by_configurable_rules(coco_set):
+    root, _, _ = coco_set
     phrases = lambda scenes: [inst["phrase"] for inst in next(s for s in scenes if s["id"] == "100")["instances"]]
-    source = data.parse_dataset_spec(spec(root))
-    scenes, counts = data.read_coco(source, MAX_INSTANCES)
+    source = coco.parse_dataset_spec(spec(root))
+    scenes, counts = coco.read_coco(source, MAX_INSTANCES)
     assert counts["crowd"] == 1 and counts["tiny"] == 1
     assert "red block" not in phrases(scenes) and "green box" not in phrases(scenes)
-    scenes, counts = data.read_coco(data.parse_dataset_spec(spec(root, "crowd=keep", "min_area=0", "min_side=0")),
+    scenes, counts = coco.read_coco(coco.parse_dataset_spec(spec(root, "crowd=keep", "min_area=0", "min_side=0")),
                                     MAX_INSTANCES)
     assert counts["crowd"] == 0 and counts["tiny"] == 0
     assert {"red block", "green box"} <= set(phrases(scenes))
     tiny = next(inst for s in scenes if s["id"] == "100" for inst in s["instances"] if inst["phrase"] == "green box")
-    left, top, side = data.fit_window(96, 64, "crop")
+    left, top, side = coco.fit_window(96, 64, "crop")
     assert tiny["box"] == pytest.approx([(60 - left) / side, (40 - top) / side, (63 - left) / side, (43 - top) / side])
 
 
-def test_instances_are_capped_at_max_instances_largest_first(coco):
-    root, instances, _ = coco
+def test_instances_are_capped_at_max_instances_largest_first(coco_set):
+    root, instances, _ = coco_set
     cache, _, _ = load(root, "fit=pad", "val=0")
     row = [s["id"] for s in cache.scenes].index("101")  # 128 x 128: pad and crop are the identity
     scene = cache.scenes[row]
@@ -178,8 +182,8 @@ def test_instances_are_capped_at_max_instances_largest_first(coco):
 # language
 
 
-def test_phrases_come_from_categories_and_attributes_captions_from_the_file_or_the_phrases(coco):
-    root, _, _ = coco
+def test_phrases_come_from_categories_and_attributes_captions_from_the_file_or_the_phrases(coco_set):
+    root, _, _ = coco_set
     cache, tokenizer, _ = load(root, "fit=pad", "val=0")
     scenes = {s["id"]: s for s in cache.scenes}
     phrases = {inst["phrase"] for s in scenes.values() for inst in s["instances"]}
@@ -187,31 +191,31 @@ def test_phrases_come_from_categories_and_attributes_captions_from_the_file_or_t
     assert "striped cat" in phrases and "cat" in phrases  # the attribute text leads the phrase
     assert scenes["100"]["caption"] == "A picture with 1 things on a gray floor."
     assert scenes["102"]["caption"] == "A picture with 3 things on a gray floor."  # the too-long first one skipped
-    assert scenes["110"]["caption"] == data.phrase_caption(scenes["110"]["instances"])  # no caption in the file
+    assert scenes["110"]["caption"] == shapescenes.phrase_caption(scenes["110"]["instances"])  # no caption in the file
     assert scenes["110"]["caption"].startswith("a ") and "; the " in scenes["110"]["caption"]
     for name in ("100", "110"):
         ids = [i for i in cache.arrays["caption_ids"][[s["id"] for s in cache.scenes].index(name)] if i]
-        assert tokenizer.decode(ids) == " ".join(data._text_words(scenes[name]["caption"]))
+        assert tokenizer.decode(ids) == " ".join(shapescenes.text_words(scenes[name]["caption"]))
     no_captions, _, _ = load(root, "fit=pad", captions=False)
-    assert all(s["caption"] == data.phrase_caption(s["instances"]) for s in no_captions.scenes)
+    assert all(s["caption"] == shapescenes.phrase_caption(s["instances"]) for s in no_captions.scenes)
 
 
-def test_tokenizer_round_trips_the_captions_and_is_cached(coco, tmp_path):
-    root, _, captions = coco
+def test_tokenizer_round_trips_the_captions_and_is_cached(coco_set, tmp_path):
+    root, _, captions = coco_set
     cache, tokenizer, _ = load(root, "fit=pad", data_dir=tmp_path.name)
     assert tokenizer.token_to_id("[PAD]") == 0 and tokenizer.token_to_id("[UNK]") == 1
     texts = [c["caption"] for c in captions["annotations"]] + [inst["phrase"] for s in cache.scenes for inst in s["instances"]]
     for text in texts:
         ids = tokenizer.encode(text).ids
-        assert 1 not in ids and tokenizer.decode(ids) == " ".join(data._text_words(text)), text
+        assert 1 not in ids and tokenizer.decode(ids) == " ".join(shapescenes.text_words(text)), text
     saved = [p for p in os.listdir(root / tmp_path.name) if p.endswith("_tokenizer.json")]
     assert len(saved) == 1
     path = root / tmp_path.name / saved[0]
     stamp, text = path.stat().st_mtime_ns, path.read_text()
     _, again, _ = load(root, "fit=pad", data_dir=tmp_path.name, res=64)  # another cache of images, the same text
     assert path.stat().st_mtime_ns == stamp and again.to_str() == tokenizer.to_str() == text
-    with pytest.raises(data.LayoutError, match="unknown word 'жук'"):
-        data.encode_text(tokenizer, "a striped жук", data.MAX_PHRASE_LEN, "phrase")
+    with pytest.raises(runtime.LayoutError, match="unknown word 'жук'"):
+        layouts.encode_text(tokenizer, "a striped жук", layouts.MAX_PHRASE_LEN, "phrase")
 
 # -----------------------------------------------------------------------------
 # bad annotation files: one line each, naming the file, the field and the value
@@ -244,54 +248,54 @@ BAD_FILES = {
 
 
 @pytest.mark.parametrize("kind", list(BAD_FILES))
-def test_each_bad_annotation_file_gets_its_error(coco, tmp_path, kind):
-    root, instances, _ = coco
+def test_each_bad_annotation_file_gets_its_error(coco_set, tmp_path, kind):
+    root, instances, _ = coco_set
     mutate, message = BAD_FILES[kind]
     bad = mutate(instances)
     path = tmp_path / "instances.json"
     path.write_text("{\"images\": [" if bad is None else json.dumps(bad))
-    with pytest.raises(data.LayoutError, match=message):
+    with pytest.raises(runtime.LayoutError, match=message):
         data.load_dataset(f"coco:{path}:{root / 'images'}", 32, MAX_INSTANCES, str(tmp_path / "data"))
     assert not (tmp_path / "data").exists() or not os.listdir(tmp_path / "data")  # nothing written
 
 
-def test_images_read_by_worker_processes_equal_those_read_in_process(coco, tmp_path, monkeypatch):
-    root, _, _ = coco
+def test_images_read_by_worker_processes_equal_those_read_in_process(coco_set, tmp_path, monkeypatch):
+    root, _, _ = coco_set
     one, _, _ = load(root, "fit=pad", data_dir=str(tmp_path / "one"))
-    monkeypatch.setattr(data, "IMAGES_PER_WORKER", 4)
+    monkeypatch.setattr(coco, "IMAGES_PER_WORKER", 4)
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     two, _, _ = load(root, "fit=pad", data_dir=str(tmp_path / "two"))
     assert np.array_equal(one.images, two.images) and one.scenes == two.scenes
 
 
-def test_outside_clip_clips_a_box_that_reaches_past_the_image(coco, tmp_path):
-    root, instances, _ = coco
+def test_outside_clip_clips_a_box_that_reaches_past_the_image(coco_set, tmp_path):
+    root, instances, _ = coco_set
     past = {**instances, "annotations": [{**instances["annotations"][0], "bbox": [50, 10, 60, 20]}]}  # image 100: 96 x 64
     (tmp_path / "instances.json").write_text(json.dumps(past))
-    source = data.parse_dataset_spec(f"coco:{tmp_path / 'instances.json'}:{root / 'images'}:fit=pad:outside=clip")
-    scenes, _ = data.read_coco(source, MAX_INSTANCES)
-    left, top, side = data.fit_window(96, 64, "pad")
+    source = coco.parse_dataset_spec(f"coco:{tmp_path / 'instances.json'}:{root / 'images'}:fit=pad:outside=clip")
+    scenes, _ = coco.read_coco(source, MAX_INSTANCES)
+    left, top, side = coco.fit_window(96, 64, "pad")
     assert scenes[0]["instances"][0]["box"] == pytest.approx([(50 - left) / side, (10 - top) / side,
                                                               (96 - left) / side, (30 - top) / side], abs=1e-6)
 
 
-def test_bad_captions_file_and_bad_spec_get_their_errors(coco, tmp_path):
-    root, _, _ = coco
+def test_bad_captions_file_and_bad_spec_get_their_errors(coco_set, tmp_path):
+    root, _, _ = coco_set
     (tmp_path / "captions.json").write_text(json.dumps({"annotations": [{"image_id": 100}]}))
-    with pytest.raises(data.LayoutError, match=r"captions\.json: annotations\[0\]: missing key 'caption'"):
+    with pytest.raises(runtime.LayoutError, match=r"captions\.json: annotations\[0\]: missing key 'caption'"):
         data.load_dataset(f"coco:{root / 'instances.json'}:{root / 'images'}:{tmp_path / 'captions.json'}", 32,
                           MAX_INSTANCES, str(tmp_path / "data"))
     for bad, message in ((f"coco:{root / 'nothing.json'}:{root / 'images'}", "cannot read the annotation file"),
                          ("cocoa:x.json:images", "unknown spec"), (spec(root, "fit=stretch"), "fit must be crop or pad"),
                          (spec(root, "min_area=big"), "min_area must be float"), (spec(root, "colour=1"), "unknown option")):
-        with pytest.raises(data.LayoutError, match=message):
+        with pytest.raises(runtime.LayoutError, match=message):
             data.load_dataset(bad, 32, MAX_INSTANCES, str(tmp_path / "data"))
 
 
 @pytest.fixture
-def broken_images(coco, tmp_path):
+def broken_images(coco_set, tmp_path):
     """A copy of the images with one file gone and one that is not an image."""
-    root, _, _ = coco
+    root, _, _ = coco_set
     (tmp_path / "images").mkdir()
     for name in os.listdir(root / "images"):
         (tmp_path / "images" / name).write_bytes((root / "images" / name).read_bytes())
@@ -304,18 +308,18 @@ def test_missing_and_unreadable_images_are_skipped_with_a_count_or_an_error(brok
     cache, _, _ = data.load_dataset(broken_images, 32, MAX_INSTANCES, str(tmp_path / "data"))
     assert len(cache) == 10 and {"103", "105"}.isdisjoint(s["id"] for s in cache.scenes)
     assert "-> 10 train + 0 held out (0 without a box left, 2 missing or unreadable" in capsys.readouterr().out
-    with pytest.raises(data.LayoutError, match=r"image 103: missing file .*000000000103\.png"):
+    with pytest.raises(runtime.LayoutError, match=r"image 103: missing file .*000000000103\.png"):
         data.load_dataset(broken_images + ":missing=error", 32, MAX_INSTANCES, str(tmp_path / "data2"))
     (tmp_path / "images" / "000000000103.png").write_bytes((tmp_path / "images" / "000000000104.png").read_bytes())
-    with pytest.raises(data.LayoutError, match=r"image 103: .*000000000103\.png is 128x64, its annotations say 80x80"):
+    with pytest.raises(runtime.LayoutError, match=r"image 103: .*000000000103\.png is 128x64, its annotations say 80x80"):
         data.load_dataset(broken_images + ":missing=error", 32, MAX_INSTANCES, str(tmp_path / "data3"))
     (tmp_path / "images" / "000000000103.png").unlink()
     (tmp_path / "images" / "000000000103.png").write_bytes((tmp_path / "images" / "000000000105.png").read_bytes())
-    with pytest.raises(data.LayoutError, match=r"image 103: cannot read .*000000000103\.png \(UnidentifiedImageError"):
+    with pytest.raises(runtime.LayoutError, match=r"image 103: cannot read .*000000000103\.png \(UnidentifiedImageError"):
         data.load_dataset(broken_images + ":missing=error", 32, MAX_INSTANCES, str(tmp_path / "data4"))
 
 # -----------------------------------------------------------------------------
-# every stage, eval.py and sampler.py on the data set, as a user runs them
+# every stage, evaluate.py and sampler.py on the data set, as a user runs them
 
 MICRO = ["--res=32", "--patch=8", "--dim=32", "--depth=2", "--heads=2", "--text_depth=1", "--max_instances=4",
          "--warmup_steps=1", "--ckpt_interval=0", "--batch_size=4", "--log_interval=1"]
@@ -339,18 +343,18 @@ def records(out):
 
 
 @pytest.fixture(scope="module")
-def stages(coco, tmp_path_factory):
+def stages(coco_set, tmp_path_factory):
     """The judge (the standalone detector on the real training images), then PMTP, scored by it."""
-    root, _, _ = coco
+    root, _, _ = coco_set
     tmp = tmp_path_factory.mktemp("stages")
     dataset = f"--dataset={spec(root)}"
-    run(["detector.py", "train", dataset, *MICRO_JUDGE, f"--data_dir={tmp / 'data'}", f"--out_dir={tmp / 'judge'}"])
+    run(["train_detector.py", dataset, *MICRO_JUDGE, f"--data_dir={tmp / 'data'}", f"--out_dir={tmp / 'judge'}"])
     run(["train_pretrain.py", dataset, *MICRO, "--max_steps=2", "--val_scenes=1", "--sample_steps=2",
          f"--judge={tmp / 'judge' / 'ckpt'}", f"--data_dir={tmp / 'data'}", f"--out_dir={tmp / 'pmtp'}"])
     return tmp
 
 
-def test_the_judge_and_pmtp_train_on_coco_and_pmtp_is_scored_by_the_judge(stages, coco):
+def test_the_judge_and_pmtp_train_on_coco_and_pmtp_is_scored_by_the_judge(stages, coco_set):
     judge, pmtp = records(stages / "judge"), records(stages / "pmtp")
     assert [r["step"] for r in judge if "loss" in r] == [1, 2] and set(judge[-1]["eval"]) >= {"acc50", "miou"}
     assert [r["step"] for r in pmtp if "loss" in r] == [1, 2] and np.isfinite([r["loss"] for r in pmtp if "loss" in r]).all()
@@ -362,7 +366,7 @@ def test_the_judge_and_pmtp_train_on_coco_and_pmtp_is_scored_by_the_judge(stages
     tokenizer = (stages / "pmtp" / "ckpt" / "tokenizer.json").read_text()
     assert tokenizer == (stages / "judge" / "ckpt" / "tokenizer.json").read_text()
     saved = json.loads((stages / "pmtp" / "ckpt" / "config.json").read_text())
-    assert saved["train"]["dataset"] == spec(coco[0])
+    assert saved["train"]["dataset"] == spec(coco_set[0])
     assert saved["model"]["vocab_size"] == Tokenizer.from_str(tokenizer).get_vocab_size()
     assert (stages / "pmtp" / "samples" / "step000002.png").exists()
 
@@ -379,7 +383,7 @@ def test_djo_and_cycle_rl_run_on_coco_with_the_checkpoints_dataset(stages):
 
 
 def test_eval_scores_the_held_out_images_with_the_judge(stages):
-    result = run(["eval.py", f"--ckpt={stages / 'pmtp' / 'ckpt'}", f"--judge={stages / 'judge' / 'ckpt'}", "--steps=2",
+    result = run(["evaluate.py", f"--ckpt={stages / 'pmtp' / 'ckpt'}", f"--judge={stages / 'judge' / 'ckpt'}", "--steps=2",
                   "--device=cpu"])
     line = json.loads(result.stdout.strip().splitlines()[-1])
     assert line["set"] == "val" and line["n"] == 1 and {"isr", "miou", "judge_real", "grounding"} <= set(line)
@@ -401,8 +405,8 @@ def test_sampling_uses_the_checkpoints_tokenizer_and_names_a_word_it_cannot_enco
                                                    result.stderr)
 
 
-def test_a_bad_annotation_file_stops_a_training_script_with_one_line(coco, tmp_path):
-    root, instances, _ = coco
+def test_a_bad_annotation_file_stops_a_training_script_with_one_line(coco_set, tmp_path):
+    root, instances, _ = coco_set
     bad = {**instances, "annotations": [{**instances["annotations"][0], "category_id": 77}]}
     (tmp_path / "instances.json").write_text(json.dumps(bad))
     result = run(["train_pretrain.py", f"--dataset=coco:{tmp_path / 'instances.json'}:{root / 'images'}", *MICRO,

@@ -14,8 +14,9 @@ import pytest
 import torch
 import torchvision.ops as tv
 
-import data
+import layouts
 import runtime
+import shapescenes
 from boxes import box_area, box_cxcywh_to_xyxy, box_iou, box_xyxy_to_cxcywh, generalized_box_iou
 from detector import (DetectorConfig, StandaloneDetector, coco_precision, decode_predictions, grounding_metrics,
                       load_grounder, presence_confidence)
@@ -276,9 +277,9 @@ def test_fresh_head_predicts_centred_moderate_boxes():
 
 def test_standalone_detector_loss_falls_on_a_handful_of_scenes():
     torch.manual_seed(0)
-    tokenizer = data.build_tokenizer()
-    scenes = data.make_scene_set("train", 8, seed=0)
-    batch = data.collate(scenes, [data.render_scene(s, TINY.res) for s in scenes], tokenizer, TINY.max_instances)
+    tokenizer = shapescenes.build_tokenizer()
+    scenes = shapescenes.make_scene_set("train", 8, seed=0)
+    batch = layouts.collate(scenes, [shapescenes.render_scene(s, TINY.res) for s in scenes], tokenizer, TINY.max_instances)
     model = StandaloneDetector(TINY, tokenizer.get_vocab_size())
     criterion = GroundingCriterion()
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
@@ -295,20 +296,20 @@ def test_standalone_detector_loss_falls_on_a_handful_of_scenes():
 
 
 def test_hard_negatives_teach_the_confidence_what_a_phrase_names():
-    """Trained without negatives the confidence only rates a box; with them (data.add_hard_negatives)
+    """Trained without negatives the confidence only rates a box; with them (shapescenes.add_hard_negatives)
     it falls on phrases that name a shape the image does not hold (the Cycle RL judge)."""
-    tokenizer = data.build_tokenizer()
-    scenes = data.make_scene_set("train", 8, seed=0)
-    images = [data.render_scene(s, TINY.res) for s in scenes]
+    tokenizer = shapescenes.build_tokenizer()
+    scenes = shapescenes.make_scene_set("train", 8, seed=0)
+    images = [shapescenes.render_scene(s, TINY.res) for s in scenes]
     gaps = {}
     for negatives in (0, 3):
         torch.manual_seed(0)
         model = StandaloneDetector(TINY, tokenizer.get_vocab_size())
         optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
         for step in range(80):
-            batch = data.collate(scenes, images, tokenizer, TINY.max_instances)
+            batch = layouts.collate(scenes, images, tokenizer, TINY.max_instances)
             if negatives:
-                batch = data.add_hard_negatives(batch, tokenizer, negatives, [[step, i] for i in range(8)])
+                batch = shapescenes.add_hard_negatives(batch, tokenizer, negatives, [[step, i] for i in range(8)])
             out = model(batch["images"], batch["phrase_ids"], batch["instance_mask"])
             loss = GroundingCriterion()(out, batch["boxes"], batch["phrase_ids"], batch["instance_mask"],
                                         batch.get("negative"))["loss"]
@@ -393,7 +394,7 @@ def test_acc50_and_miou_match_repeated_phrases_one_to_one():
 
 
 def test_grounding_metrics_ap_agrees_with_pycocotools_and_takes_padded_tensors():
-    scenes = data.make_scene_set("val", 12, seed=0)
+    scenes = shapescenes.make_scene_set("val", 12, seed=0)
     rng = np.random.default_rng(1)
     boxes, scores = torch.zeros(12, 8, 4), torch.zeros(12, 8)
     for i, s in enumerate(scenes):
@@ -415,12 +416,12 @@ def test_grounding_metrics_ap_agrees_with_pycocotools_and_takes_padded_tensors()
 
 
 # -----------------------------------------------------------------------------
-# the training entry point and the predict CLI, as a user runs them
+# train_detector.py and the predict CLI, as a user runs them
 
 
-def run(args, check=True):
+def run(args, check=True, script="detector.py"):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, "detector.py", *args], cwd=ROOT, env=env, capture_output=True,
+    result = subprocess.run([sys.executable, script, *args], cwd=ROOT, env=env, capture_output=True,
                             text=True, timeout=300)
     if check:
         assert result.returncode == 0, result.stderr[-3000:]
@@ -430,10 +431,10 @@ def run(args, check=True):
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("detector")
-    run(["train", "--res=32", "--dim=32", "--depth=2", "--heads=2", "--text_depth=1", "--max_instances=4",
+    run(["--res=32", "--dim=32", "--depth=2", "--heads=2", "--text_depth=1", "--max_instances=4",
          "--cache_scenes=16", "--val_scenes=4", "--batch_size=4", "--max_steps=4", "--warmup_steps=1",
          "--log_interval=1", "--eval_interval=0", "--ckpt_interval=0", f"--data_dir={tmp / 'data'}",
-         f"--out_dir={tmp / 'run'}"])
+         f"--out_dir={tmp / 'run'}"], script="train_detector.py")
     return tmp, tmp / "run" / "ckpt"
 
 
@@ -441,15 +442,15 @@ def test_training_writes_a_loadable_checkpoint_and_validation_figures(checkpoint
     tmp, ckpt = checkpoint
     saved = json.loads((ckpt / "config.json").read_text())
     assert saved["kind"] == "StandaloneDetector" and saved["step"] == 4 and saved["model"]["res"] == 32
-    assert saved["model"]["vocab_size"] == data.build_tokenizer().get_vocab_size()
+    assert saved["model"]["vocab_size"] == shapescenes.build_tokenizer().get_vocab_size()
     records = [json.loads(line) for line in (tmp / "run" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
     assert set(records[-1]["eval"]) == {"acc50", "miou", "ap", "ap50", "conf_true", "conf_wrong_shape",
                                          "conf_wrong_color"}
     grounder = load_grounder(str(ckpt), "cpu")
     assert grounder.kind == "StandaloneDetector" and grounder.res == 32 and grounder.max_instances == 4
-    scenes = data.make_scene_set("val", 2, seed=0)
-    batch = data.collate(scenes, [data.render_scene(s, 32) for s in scenes], grounder.tokenizer, 4)
+    scenes = shapescenes.make_scene_set("val", 2, seed=0)
+    batch = layouts.collate(scenes, [shapescenes.render_scene(s, 32) for s in scenes], grounder.tokenizer, 4)
     boxes, scores = grounder(batch)
     assert boxes.shape == (2, 4, 4) and scores.shape == (2, 4)
     assert ((scores >= 0) & (scores <= 1)).all() and ((boxes >= 0) & (boxes <= 1)).all()
@@ -458,9 +459,9 @@ def test_training_writes_a_loadable_checkpoint_and_validation_figures(checkpoint
 @pytest.mark.parametrize("with_kind", [True, False])
 def test_load_grounder_reads_an_echogen_checkpoint_with_or_without_kind(tmp_path, with_kind):
     model = EchoGen(ModelConfig(res=16, patch=4, dim=32, depth=1, heads=2, text_depth=1, max_instances=3,
-                                vocab_size=data.build_tokenizer().get_vocab_size()))
+                                vocab_size=shapescenes.build_tokenizer().get_vocab_size()))
     path = str(tmp_path / "ckpt")
-    runtime.save_checkpoint(path, model, model, torch.optim.AdamW(model.parameters()), data.build_tokenizer(), {}, 0)
+    runtime.save_checkpoint(path, model, model, torch.optim.AdamW(model.parameters()), shapescenes.build_tokenizer(), {}, 0)
     if not with_kind:
         config_file = os.path.join(path, "config.json")
         saved = json.load(open(config_file))
@@ -471,22 +472,22 @@ def test_load_grounder_reads_an_echogen_checkpoint_with_or_without_kind(tmp_path
 
 
 def layouts_and_images(tmp_path, n=3, res=64):
-    scenes = data.make_scene_set("val", n, seed=0)
+    scenes = shapescenes.make_scene_set("val", n, seed=0)
     scenes[0]["instances"].append(dict(scenes[0]["instances"][0], box=[0.8, 0.8, 0.99, 0.99]))  # a repeated phrase
-    layouts = tmp_path / "layouts.json"
-    data.write_layouts(str(layouts), scenes)
+    layout_file = tmp_path / "layouts.json"
+    layouts.write_layouts(str(layout_file), scenes)
     images = tmp_path / "images"
     images.mkdir()
     for s in scenes:  # rendered at 64 for a 32 px checkpoint: the CLI resizes
-        data.save_png(str(images / f"{s['id']}.png"), data.render_scene(s, res))
-    return scenes, layouts, images
+        layouts.save_png(str(images / f"{s['id']}.png"), shapescenes.render_scene(s, res))
+    return scenes, layout_file, images
 
 
 def test_predict_cli_writes_layouts_with_a_score_per_instance(checkpoint, tmp_path):
-    scenes, layouts, images = layouts_and_images(tmp_path)
+    scenes, layout_file, images = layouts_and_images(tmp_path)
     out = tmp_path / "grounded.json"
-    run(["--ckpt", str(checkpoint[1]), "--layouts", str(layouts), "--images", str(images), "--out", str(out)])
-    grounded = data.read_layouts(str(out), data.build_tokenizer(), data.MAX_OBJECTS)  # validates every field
+    run(["--ckpt", str(checkpoint[1]), "--layouts", str(layout_file), "--images", str(images), "--out", str(out)])
+    grounded = layouts.read_layouts(str(out), shapescenes.build_tokenizer(), shapescenes.MAX_OBJECTS)  # validates every field
     assert [s["id"] for s in grounded] == [s["id"] for s in scenes]
     for before, after in zip(scenes, grounded):
         assert after["caption"] == before["caption"]
@@ -496,11 +497,11 @@ def test_predict_cli_writes_layouts_with_a_score_per_instance(checkpoint, tmp_pa
 
 
 def test_predict_cli_refuses_a_missing_image_and_writes_nothing(checkpoint, tmp_path):
-    scenes, layouts, images = layouts_and_images(tmp_path)
+    scenes, layout_file, images = layouts_and_images(tmp_path)
     missing = images / f"{scenes[2]['id']}.png"
     missing.unlink()
     out = tmp_path / "grounded.json"
-    result = run(["--ckpt", str(checkpoint[1]), "--layouts", str(layouts), "--images", str(images), "--out", str(out)],
+    result = run(["--ckpt", str(checkpoint[1]), "--layouts", str(layout_file), "--images", str(images), "--out", str(out)],
                  check=False)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
@@ -510,12 +511,12 @@ def test_predict_cli_refuses_a_missing_image_and_writes_nothing(checkpoint, tmp_
 
 def test_predict_cli_refuses_an_unknown_word_and_writes_nothing(checkpoint, tmp_path):
     _, _, images = layouts_and_images(tmp_path)
-    layouts = tmp_path / "bad.json"
-    layouts.write_text(json.dumps({"scenes": [
+    layout_file = tmp_path / "bad.json"
+    layout_file.write_text(json.dumps({"scenes": [
         {"id": "val0", "caption": "a red circle", "instances": [{"phrase": "red circle", "box": [0.1, 0.1, 0.4, 0.4]}]},
         {"id": "val1", "caption": "a red zebra", "instances": [{"phrase": "red zebra", "box": [0.1, 0.1, 0.4, 0.4]}]}]}))
     out = tmp_path / "grounded.json"
-    result = run(["--ckpt", str(checkpoint[1]), "--layouts", str(layouts), "--images", str(images), "--out", str(out)],
+    result = run(["--ckpt", str(checkpoint[1]), "--layouts", str(layout_file), "--images", str(images), "--out", str(out)],
                  check=False)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()

@@ -1,6 +1,6 @@
 """IDM and the disentangle constraint (model.IDM, split_instance_features, cas, disentangle_loss): CAS, the
 per-instance branch against its definition, gradients of L_dis, the plain model unchanged with idm off,
-the switch through checkpoints and the training scripts, and eval.py's attribute-leakage probe."""
+the switch through checkpoints and the training scripts, and evaluate.py's attribute-leakage probe."""
 
 import dataclasses
 import hashlib
@@ -14,9 +14,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import data
-import eval as evaluation
+import layouts
 import runtime
+import shapescenes
+import evaluate
 import objectives
 from model import EchoGen, IDM, ModelConfig, cas, disentangle_loss, patch_box_coverage, split_instance_features
 from objectives import djo_loss, pmtp_loss
@@ -29,7 +30,7 @@ WITH_IDM = dataclasses.replace(PLAIN, idm=True)
 
 
 # --- the plain model is what it was before IDM existed
-# BEGIN fingerprint (the reference below was computed by this code on the model.py of before issue 6)
+# BEGIN fingerprint (the reference values below were computed by this code on the plain model, before IDM)
 
 def fixed_batch(B=2, config=PLAIN, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -56,8 +57,8 @@ def plain_fingerprint(model_class, config):
     g = torch.Generator().manual_seed(5)
     x, t = torch.randn(2, 3, 16, 16, generator=g), torch.tensor([0.6, 0.1])
     with torch.no_grad():
-        v = model(x, t, **batch)
-        v_packed, grounding = model(x, t, **batch, task=torch.tensor([0, 1]))
+        v = model(x, t, **batch).v
+        v_packed, grounding, _ = model(x, t, **batch, task=torch.tensor([0, 1]))
         grounded = model.ground(x, batch["caption_ids"], batch["phrase_ids"], batch["instance_mask"])
     figures.update(v_sum=v.double().sum().item(), v_abs=v.double().abs().sum().item(), v_first=v[0, 0, 0, :4].tolist(),
                    packed_abs=v_packed.double().abs().sum().item(), boxes=grounding["boxes"].double().sum().item(),
@@ -67,9 +68,8 @@ def plain_fingerprint(model_class, config):
 # END fingerprint
 
 
-BEFORE_IDM = {  # plain_fingerprint(EchoGen, PLAIN), CPU, torch 2.14: first computed on the model.py of
-    # before issue 6 (commit 30c16d7); recomputed once, with IDM's code unchanged, when the split layout
-    # embedding and the box prior (model.box_attention_bias) changed the plain model on purpose
+BEFORE_IDM = {  # plain_fingerprint(EchoGen, PLAIN), CPU, torch 2.14, computed on the plain model's code with
+    # IDM's code absent; recomputed only when the plain model changes on purpose (never by a change to IDM)
     "keys": 150, "layout": "e34abd7668ff94d6", "init_abs_sum": 13319.215758284368,
     "v_sum": 21.11415776051581, "v_abs": 371.9939559577033,
     "v_first": [0.4069760739803314, -0.406693696975708, 0.2713170349597931, 0.2543589174747467],
@@ -97,9 +97,9 @@ def test_a_fresh_idm_computes_what_the_plain_model_does():
     assert not unexpected and missing and all(".idm." in k for k in missing)
     batch, x, t = fixed_batch(), torch.randn(2, 3, 16, 16), torch.tensor([0.6, 0.1])
     with torch.no_grad():
-        torch.testing.assert_close(idm(x, t, **batch), plain(x, t, **batch), atol=1e-5, rtol=1e-5)
-        v, grounding, l_dis = idm(x, t, **batch, task=torch.tensor([0, 1]), return_idm=True)
-        v_plain, grounding_plain = plain(x, t, **batch, task=torch.tensor([0, 1]))
+        torch.testing.assert_close(idm(x, t, **batch).v, plain(x, t, **batch).v, atol=1e-5, rtol=1e-5)
+        v, grounding, l_dis = idm(x, t, **batch, task=torch.tensor([0, 1]))
+        v_plain, grounding_plain, _ = plain(x, t, **batch, task=torch.tensor([0, 1]))
     torch.testing.assert_close(v, v_plain, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(grounding["boxes"], grounding_plain["boxes"], atol=1e-5, rtol=1e-5)
     # with alpha = 1/2 everywhere R+ = R-, so CAS(R+) = CAS(R-) and L_dis = softplus(0)
@@ -238,7 +238,7 @@ def test_the_split_scores_cas_0_inside_1_outside_and_alpha_moves_r_plus_and_r_mi
 def test_l_dis_reaches_the_idm_parameters_and_the_image_stream():
     torch.manual_seed(0)
     model = perturb_zero_inits(EchoGen(WITH_IDM))
-    _, l_dis = model(torch.randn(2, 3, 16, 16), torch.tensor([0.6, 0.3]), **fixed_batch(), return_idm=True)
+    l_dis = model(torch.randn(2, 3, 16, 16), torch.tensor([0.6, 0.3]), **fixed_batch()).idm_loss
     # every IDM parameter but the output projection, which L_dis does not read
     idm_params = [(n, p) for n, p in model.named_parameters() if ".idm." in n and ".idm.out." not in n]
     assert len(idm_params) == 11 * PLAIN.depth  # null key, q, kv, the two norms, the alpha MLP
@@ -255,15 +255,15 @@ def test_grounding_rows_and_empty_slots_are_outside_idm():
     batch, x, t = fixed_batch(), torch.randn(2, 3, 16, 16), torch.tensor([0.6, 0.1])
     task = torch.tensor([0, 1])
     with torch.no_grad():
-        v, grounding, l_dis = model(x, t, **batch, task=task, return_idm=True)
+        v, grounding, l_dis = model(x, t, **batch, task=task)
         moved = dict(batch, boxes=batch["boxes"].flip(1) * 0.5)
-        v2, grounding2, _ = model(x, t, **moved, task=task, return_idm=True)
+        v2, grounding2, _ = model(x, t, **moved, task=task)
         junk = dict(batch, boxes=batch["boxes"].clone())
         junk["boxes"][:, 2] = torch.tensor([0.9, 0.9, 1.0, 1.0])  # slot 2 is empty in every row
-        v3, _, l_dis3 = model(x, t, **junk, task=task, return_idm=True)
+        v3, _, l_dis3 = model(x, t, **junk, task=task)
         # every instance dropped (CFG): no active instance, L_dis = 0, and a finite output
         dropped = dict(batch, instance_mask=torch.zeros_like(batch["instance_mask"]))
-        v4, l_dis4 = model(x, t, **dropped, return_idm=True)
+        v4, _, l_dis4 = model(x, t, **dropped)
     torch.testing.assert_close(v2[1], v[1], atol=1e-6, rtol=0)  # the grounding row reads no box
     torch.testing.assert_close(grounding2["boxes"][:, 1], grounding["boxes"][:, 1], atol=1e-6, rtol=0)
     assert not torch.allclose(v2[0], v[0], atol=1e-4)
@@ -298,7 +298,7 @@ def test_the_idm_switch_round_trips_through_a_checkpoint(tmp_path):
     torch.manual_seed(0)
     model = perturb_zero_inits(EchoGen(WITH_IDM))
     optimizer = torch.optim.AdamW(model.parameters())
-    runtime.save_checkpoint(str(tmp_path / "ckpt"), model, model, optimizer, data.build_tokenizer(), {}, 0)
+    runtime.save_checkpoint(str(tmp_path / "ckpt"), model, model, optimizer, shapescenes.build_tokenizer(), {}, 0)
     loaded, _, saved = runtime.load_model(str(tmp_path / "ckpt"), EchoGen, "model")
     assert saved["model"]["idm"] is True and loaded.config == WITH_IDM
     for key, value in model.state_dict().items():
@@ -351,21 +351,21 @@ def test_idm_switches_on_from_a_plain_checkpoint_and_not_back(tmp_path):
 
 
 def test_the_leakage_probe_reports_isr_color_accuracy_and_color_leak():
-    scenes = data.make_scene_set("leakage", 12, seed=0)
-    renders = [data.render_scene(scene, 64) for scene in scenes]
+    scenes = shapescenes.make_scene_set("leakage", 12, seed=0)
+    renders = [shapescenes.render_scene(scene, 64) for scene in scenes]
     # each object drawn in the next one's color: every box holds another instance's color, none its own
-    swapped = [data.render_scene(dict(scene, instances=[dict(a, color=b["color"], rgb=b["rgb"]) for a, b in
+    swapped = [shapescenes.render_scene(dict(scene, instances=[dict(a, color=b["color"], rgb=b["rgb"]) for a, b in
                                                         zip(scene["instances"], scene["instances"][1:] + scene["instances"][:1])]), 64)
                for scene in scenes]
-    assert evaluation.leakage_metrics(scenes, renders) == {"color_leak": 0.0}
-    assert evaluation.leakage_metrics(scenes, swapped) == {"color_leak": 1.0}
-    assert data.check_images(scenes, swapped)["color_acc"] == 0.0
-    assert evaluation.leakage_metrics(data.make_scene_set("val", 4, seed=0), renders[:4]) == {}
-    # eval.evaluate (what eval.py --sets ...,leakage prints) on a micro model
+    assert evaluate.leakage_metrics(scenes, renders) == {"color_leak": 0.0}
+    assert evaluate.leakage_metrics(scenes, swapped) == {"color_leak": 1.0}
+    assert shapescenes.check_images(scenes, swapped)["color_acc"] == 0.0
+    assert evaluate.leakage_metrics(shapescenes.make_scene_set("val", 4, seed=0), renders[:4]) == {}
+    # evaluate.evaluate (what evaluate.py --sets ...,leakage prints) on a micro model
     torch.manual_seed(0)
-    config = dataclasses.replace(WITH_IDM, res=32, patch=8, vocab_size=data.build_tokenizer().get_vocab_size(),
-                                 max_caption_len=data.MAX_CAPTION_LEN, max_phrase_len=data.MAX_PHRASE_LEN,
+    config = dataclasses.replace(WITH_IDM, res=32, patch=8, vocab_size=shapescenes.build_tokenizer().get_vocab_size(),
+                                 max_caption_len=layouts.MAX_CAPTION_LEN, max_phrase_len=layouts.MAX_PHRASE_LEN,
                                  max_instances=4)
-    metrics = evaluation.evaluate(EchoGen(config).eval(), scenes[:2], data.build_tokenizer(), steps=2)
+    metrics = evaluate.evaluate(EchoGen(config).eval(), scenes[:2], shapescenes.build_tokenizer(), steps=2)
     assert {"isr", "color_acc", "color_leak", "grounding"} <= set(metrics)
-    assert "leak" in evaluation.summary(metrics)
+    assert "leak" in evaluate.summary(metrics)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-import data
+import layouts
 import runtime
 import objectives
 from model import EchoGen
@@ -109,7 +109,7 @@ def chained_losses_on_fixed_draws(ckpt, cache_file):
     """The two chained losses of a checkpoint's weights on its 8 training scenes x 4 fixed draws of
     t and noise: the per-step losses of the log are too noisy to show a trend in a short run."""
     model, _, _ = runtime.load_model(str(ckpt), EchoGen, "model")
-    batch = data.SceneCache(str(cache_file)).batch(np.tile(np.arange(8), 4))
+    batch = layouts.SceneCache(str(cache_file)).batch(np.tile(np.arange(8), 4))
     g = torch.Generator().manual_seed(0)
     task = torch.tensor([0, 1] * 16)
     t, t_cycle, t_recon = torch.rand(32, generator=g), torch.rand(32, generator=g) * 0.5, torch.rand(32, generator=g)

@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-import data
+import layouts
+import shapescenes
 import sampler
 import objectives
 from model import (X0_T_MIN, EchoGen, LayoutMap, ModelConfig, box_attention_bias, fourier_box_embedding,
@@ -47,7 +48,7 @@ def test_output_shape_and_zero_velocity_at_init():
     torch.manual_seed(0)
     model = EchoGen(TINY)
     x = torch.randn(2, 3, 16, 16)
-    v = model(x, torch.rand(2), **random_batch())
+    v = model(x, torch.rand(2), **random_batch()).v
     assert v.shape == x.shape
     assert torch.all(v == 0), "the zero-initialized final layer must predict v = 0"
 
@@ -77,27 +78,27 @@ def test_conditioning_changes_output_and_padding_does_not(config):
     model = perturb_zero_inits(EchoGen(config)).eval()
     batch = random_batch()
     x, t = torch.randn(2, 3, 16, 16), torch.full((2,), 0.5)
-    v = model(x, t, **batch)
+    v = model(x, t, **batch).v
     moved = dict(batch, boxes=batch["boxes"].clone())
     moved["boxes"][:, 0] += 0.1
-    assert not torch.allclose(model(x, t, **moved), v, atol=1e-6), "boxes must condition the image"
+    assert not torch.allclose(model(x, t, **moved).v, v, atol=1e-6), "boxes must condition the image"
     # the box of an empty slot is never read: its token is the learned null
     junk = dict(batch, boxes=batch["boxes"].clone())
     junk["boxes"][:, 2] = torch.tensor([0.9, 0.9, 0.1, 0.1])
-    assert torch.allclose(model(x, t, **junk), v, atol=1e-6)
+    assert torch.allclose(model(x, t, **junk).v, v, atol=1e-6)
 
 
 @both_models
 def test_dropped_condition_ignores_caption_and_layout(config):
     torch.manual_seed(0)
     model = perturb_zero_inits(EchoGen(config)).eval()
-    a, b = random_batch(seed=0), random_batch(seed=1)
+    noise_level, b = random_batch(seed=0), random_batch(seed=1)
     drop = torch.ones(2, dtype=torch.bool)
     x, t = torch.randn(2, 3, 16, 16), torch.full((2,), 0.3)
     outs = []
-    for batch in (a, b):
+    for batch in (noise_level, b):
         caption_ids, instance_mask = EchoGen.drop_conditions(batch["caption_ids"], batch["instance_mask"], drop)
-        outs.append(model(x, t, caption_ids, batch["phrase_ids"], batch["boxes"], instance_mask))
+        outs.append(model(x, t, caption_ids, batch["phrase_ids"], batch["boxes"], instance_mask).v)
     assert torch.allclose(outs[0], outs[1], atol=1e-6)
     assert torch.isfinite(outs[0]).all()
 
@@ -129,8 +130,8 @@ def test_x0_prediction_gives_the_velocity_of_the_predicted_x0():
     as_x0.load_state_dict(as_v.state_dict())  # the same network; only the reading of its output differs
     batch, x = random_batch(), torch.randn(2, 3, 16, 16)
     t = torch.tensor([0.5, 0.01])  # the second below the floor X0_T_MIN
-    out = as_v(x, t, **batch)  # read as x0 by the other model
-    v = as_x0(x, t, **batch)
+    out = as_v(x, t, **batch).v  # read as x0 by the other model
+    v = as_x0(x, t, **batch).v
     assert torch.allclose(v[0], (x[0] - out[0]) / 0.5, atol=1e-5)
     assert torch.allclose(v[1], (x[1] - out[1]) / X0_T_MIN, atol=1e-4)
     # so one Euler step to t = 0 from t >= X0_T_MIN lands on the predicted x0
@@ -140,7 +141,7 @@ def test_x0_prediction_gives_the_velocity_of_the_predicted_x0():
 def test_pixel_head_starts_at_zero_and_its_features_at_their_init():
     torch.manual_seed(0)
     model = EchoGen(dataclasses.replace(LEVERS, prediction="v"))
-    v = model(torch.randn(2, 3, 16, 16), torch.rand(2), **random_batch())
+    v = model(torch.randn(2, 3, 16, 16), torch.rand(2), **random_batch()).v
     assert torch.all(v == 0), "the pixel head's zero-initialized last conv must predict v = 0"
     assert model.final.linear.weight.abs().sum() > 0, "the features feeding the head must not start at zero"
 
@@ -190,15 +191,15 @@ def test_euler_sampler_transports_noise_to_a_point_mass():
         drop_conditions = staticmethod(EchoGen.drop_conditions)
 
     batch = random_batch(B=1)
-    for steps, cfg in ((1, 1.0), (7, 3.0)):
-        x0 = sampler.sample(PointMass(), batch, torch.randn(1, 3, 4, 4), steps=steps, cfg=cfg, shift=2.0)
+    for steps, cfg_scale in ((1, 1.0), (7, 3.0)):
+        x0 = sampler.sample(PointMass(), batch, torch.randn(1, 3, 4, 4), steps=steps, cfg_scale=cfg_scale, shift=2.0)
         assert torch.allclose(x0, m, atol=1e-5)
 
 
 # --- the packed two-task sequence (docs/design.md, "The model", shared tokens)
 
 def packed_outputs(model, batch, task, x, t):
-    v, grounding = model(x, t, **batch, task=task)
+    v, grounding, _ = model(x, t, **batch, task=task)
     return v, grounding["boxes"], grounding["logits"]
 
 
@@ -225,7 +226,7 @@ def test_nothing_reads_the_grounding_queries():
     task = torch.tensor([0, 1])
     v, boxes, _ = packed_outputs(model, batch, task, x, t)
     # removing the queries (generation-only sequence) leaves the generation row's image unchanged
-    v_without_queries = model(x, t, **batch)
+    v_without_queries = model(x, t, **batch).v
     assert torch.allclose(v_without_queries[0], v[0], atol=1e-5)
     # changing what the queries hold changes the boxes, and no image output of any row
     with torch.no_grad():
@@ -270,16 +271,16 @@ def test_box_prior_adds_to_covered_image_logits_only_and_keeps_hidden_keys_hidde
 def test_hard_negatives_on_grounding_rows_change_the_grounding_loss_only():
     """PMTP's hard negatives (train_pretrain --ground_negatives) go to the grounding rows alone: the
     flow loss of every row is unchanged (nothing reads the queries), the confidence term is not."""
-    tokenizer = data.build_tokenizer()
-    config = dataclasses.replace(TINY, vocab_size=tokenizer.get_vocab_size(), max_phrase_len=data.MAX_PHRASE_LEN,
-                                 max_caption_len=data.MAX_CAPTION_LEN, max_instances=4)
+    tokenizer = shapescenes.build_tokenizer()
+    config = dataclasses.replace(TINY, vocab_size=tokenizer.get_vocab_size(), max_phrase_len=layouts.MAX_PHRASE_LEN,
+                                 max_caption_len=layouts.MAX_CAPTION_LEN, max_instances=4)
     torch.manual_seed(0)
     model = perturb_zero_inits(EchoGen(config))
-    scenes = data.make_scene_set("val", 4, seed=0)
-    batch = data.collate(scenes, [data.render_scene(s, 16) for s in scenes], tokenizer, 4)
+    scenes = shapescenes.make_scene_set("val", 4, seed=0)
+    batch = layouts.collate(scenes, [shapescenes.render_scene(s, 16) for s in scenes], tokenizer, 4)
     task = torch.tensor([0, 1, 0, 1])
     t, noise, drop = torch.tensor([0.7, 0.2, 0.4, 0.0]), torch.randn(4, 3, 16, 16), torch.zeros(4, dtype=torch.bool)
-    negatives = data.add_hard_negatives(batch, tokenizer, 2, [[0, i] for i in range(4)], rows=task == 1)
+    negatives = shapescenes.add_hard_negatives(batch, tokenizer, 2, [[0, i] for i in range(4)], rows=task == 1)
     assert negatives["negative"][task == 1].any() and not negatives["negative"][task == 0].any()
     assert torch.equal(negatives["instance_mask"][task == 0], batch["instance_mask"][task == 0])
     criterion = objectives.GroundingCriterion()

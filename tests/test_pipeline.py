@@ -1,5 +1,5 @@
-"""eval.py and pipeline.py, the main job, as a user runs them: the checker's columns on stand-in
-generators (the world's true renders score near 1, noise near 0), eval.py's determinism and its
+"""evaluate.py and pipeline.py, the main job, as a user runs them: the checker's columns on stand-in
+generators (the world's true renders score near 1, noise near 0), evaluate.py's determinism and its
 judge check, and the whole three-stage pipeline on the micro preset: every row of the table, and a
 second run that skips what is finished."""
 
@@ -14,10 +14,12 @@ import torch
 from PIL import Image
 
 import data
-import detector
-import eval as evaluation  # eval.py; renamed so as not to shadow the builtin
-import pipeline
+import layouts
 import runtime
+import shapescenes
+import detector
+import evaluate
+import pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SETS = ["val", "heldout", "crowded", "leakage"]
@@ -44,12 +46,12 @@ def test_true_renders_score_near_one_and_noise_near_zero(tmp_path):
     true_renders = lambda scenes: data.scene_images(scenes, 64)
     noise = lambda scenes: [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in scenes]
     for kind in SETS:
-        scenes = data.make_scene_set(kind, 24, seed=0)
-        truth = evaluation.evaluate(None, scenes, None, generator=true_renders, grid_path=str(tmp_path / f"{kind}.png"))
+        scenes = shapescenes.make_scene_set(kind, 24, seed=0)
+        truth = evaluate.evaluate(None, scenes, None, generator=true_renders, grid_path=str(tmp_path / f"{kind}.png"))
         for key in ("isr", "color_acc", "shape_acc"):
             assert truth[key] >= 0.95, (kind, truth)
         assert truth["miou"] >= 0.85 and truth["image_success"] >= 0.75, (kind, truth)
-        garbage = evaluation.evaluate(None, scenes, None, generator=noise)
+        garbage = evaluate.evaluate(None, scenes, None, generator=noise)
         for key in ("isr", "miou", "color_acc", "shape_acc", "image_success"):
             assert garbage[key] <= 0.02, (kind, garbage)
         if kind == "leakage":
@@ -61,7 +63,7 @@ def test_true_renders_score_near_one_and_noise_near_zero(tmp_path):
 def test_eval_is_deterministic_and_writes_its_table_json_and_grids(main_job, tmp_path):
     out, _ = main_job
     ckpt, judge = str(out / "pmtp" / "ckpt"), str(out / "judge" / "ckpt")
-    args = ["eval.py", f"--ckpt={ckpt}", f"--judge={judge}", "--sets=val,heldout,crowded,leakage", "--n=3",
+    args = ["evaluate.py", f"--ckpt={ckpt}", f"--judge={judge}", "--sets=val,heldout,crowded,leakage", "--n=3",
             "--steps=2", "--device=cpu"]
     first, second = (run(args + [f"--out={tmp_path / name}"]) for name in ("a", "b"))
     results = (tmp_path / "a" / "results.json").read_text()
@@ -85,17 +87,17 @@ def test_eval_is_deterministic_and_writes_its_table_json_and_grids(main_job, tmp
 
 def test_a_judge_of_another_resolution_is_refused(main_job, tmp_path):
     out, _ = main_job
-    tokenizer = data.build_tokenizer()
+    tokenizer = shapescenes.build_tokenizer()
     judge = detector.StandaloneDetector(detector.DetectorConfig(
         res=64, dim=32, depth=1, heads=2, text_depth=1, vocab_size=tokenizer.get_vocab_size(),
-        max_phrase_len=data.MAX_PHRASE_LEN, max_instances=8))
+        max_phrase_len=layouts.MAX_PHRASE_LEN, max_instances=8))
     runtime.save_checkpoint(str(tmp_path / "judge64"), judge, judge, torch.optim.AdamW(judge.parameters()), tokenizer,
                             {}, 0)
-    result = run(["eval.py", f"--ckpt={out / 'pmtp' / 'ckpt'}", f"--judge={tmp_path / 'judge64'}", "--n=1",
+    result = run(["evaluate.py", f"--ckpt={out / 'pmtp' / 'ckpt'}", f"--judge={tmp_path / 'judge64'}", "--n=1",
                   "--steps=1", f"--out={tmp_path / 'eval'}"], check=False)
     assert result.returncode == 2 and result.stderr == (
         f"error: --judge '{tmp_path / 'judge64'}': a judge of resolution 64, the model makes 32 "
-        "(train one with detector.py train --res=32)\n")
+        "(train one with train_detector.py --res=32)\n")
     assert not (tmp_path / "eval").exists()
 
 

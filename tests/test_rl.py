@@ -42,12 +42,12 @@ def tiny_model(seed=0):
 def test_step_log_prob_is_the_normal_log_prob_of_its_mean_and_std(t, t_next):
     g = torch.Generator().manual_seed(0)
     x, v = torch.randn(4, 3, 8, 8, generator=g), torch.randn(4, 3, 8, 8, generator=g)
-    step = sampler.sde_step_with_logprob(v, x, t, t_next, a=0.7, generator=g)
+    step = sampler.sde_step_with_logprob(v, x, t, t_next, noise_level=0.7, generator=g)
     expected = torch.distributions.Normal(step.mean, step.std.expand_as(step.mean)).log_prob(step.sample)
     torch.testing.assert_close(step.log_prob, expected.flatten(1).mean(1))
     assert step.sample.dtype == step.log_prob.dtype == torch.float32
     # scoring a given sample returns that sample and the same figure
-    again = sampler.sde_step_with_logprob(v, x, t, t_next, a=0.7, prev_sample=step.sample)
+    again = sampler.sde_step_with_logprob(v, x, t, t_next, noise_level=0.7, prev_sample=step.sample)
     assert torch.equal(again.log_prob, step.log_prob) and torch.equal(again.sample, step.sample)
     assert torch.isfinite(step.std).all() and (step.std > 0).all()
 
@@ -55,7 +55,7 @@ def test_step_log_prob_is_the_normal_log_prob_of_its_mean_and_std(t, t_next):
 def test_step_is_float32_under_bfloat16_inputs_and_autocast():
     x, v = torch.randn(2, 3, 4, 4).bfloat16(), torch.randn(2, 3, 4, 4).bfloat16()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        step = sampler.sde_step_with_logprob(v, x, 0.6, 0.5, a=0.5)
+        step = sampler.sde_step_with_logprob(v, x, 0.6, 0.5, noise_level=0.5)
     assert step.sample.dtype == step.mean.dtype == step.log_prob.dtype == torch.float32
 
 
@@ -63,13 +63,13 @@ def test_a_zero_is_the_euler_step_and_the_euler_sampler():
     x, v = torch.randn(3, 3, 8, 8), torch.randn(3, 3, 8, 8)
     times = sampler.timestep_schedule(10, 3.0).tolist()
     for t, t_next in zip(times[:-1], times[1:]):
-        step = sampler.sde_step_with_logprob(v, x, t, t_next, a=0.0)
+        step = sampler.sde_step_with_logprob(v, x, t, t_next, noise_level=0.0)
         assert torch.equal(step.sample, x + (t_next - t) * v) and step.log_prob is None
     model, batch = tiny_model(), random_batch()
     noise = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(3))
-    for cfg in (1.0, 2.5):
-        ode = sampler.sample(model, batch, noise, steps=6, cfg=cfg, shift=2.0)
-        sde = sampler.sample_sde(model, batch, noise, steps=6, cfg=cfg, shift=2.0, a=0.0)
+    for cfg_scale in (1.0, 2.5):
+        ode = sampler.sample(model, batch, noise, steps=6, cfg_scale=cfg_scale, shift=2.0)
+        sde = sampler.sample_sde(model, batch, noise, steps=6, cfg_scale=cfg_scale, shift=2.0, noise_level=0.0)
         assert torch.equal(ode, sde["x0"]) and sde["log_prob"].numel() == 0
 
 
@@ -87,8 +87,8 @@ def gaussian_velocity(m, S):
     return v
 
 
-@pytest.mark.parametrize("a, sde_window", [(0.7, None), (1.0, (0, 100))])
-def test_sde_samples_of_gaussian_data_have_the_target_mean_and_covariance(a, sde_window):
+@pytest.mark.parametrize("noise_level, sde_window", [(0.7, None), (1.0, (0, 100))])
+def test_sde_samples_of_gaussian_data_have_the_target_mean_and_covariance(noise_level, sde_window):
     m = torch.tensor([1.0, -0.5], dtype=torch.float64)
     S = torch.tensor([[0.5, 0.2], [0.2, 0.3]], dtype=torch.float64)
     velocity = gaussian_velocity(m, S)
@@ -98,7 +98,7 @@ def test_sde_samples_of_gaussian_data_have_the_target_mean_and_covariance(a, sde
     stochastic = set(sampler.stochastic_steps(steps, sde_window))
     times = sampler.timestep_schedule(steps, 1.0).tolist()
     for i, (t, t_next) in enumerate(zip(times[:-1], times[1:])):
-        x = sampler.sde_step_with_logprob(velocity(x, t).float(), x, t, t_next, a if i in stochastic else 0.0,
+        x = sampler.sde_step_with_logprob(velocity(x, t).float(), x, t, t_next, noise_level if i in stochastic else 0.0,
                                           generator=g).sample
     x = x.double()
     mean, cov = x.mean(0), torch.cov(x.T)
@@ -110,7 +110,7 @@ def test_sde_samples_of_gaussian_data_have_the_target_mean_and_covariance(a, sde
 def test_sde_is_stochastic_and_records_only_its_window():
     model, batch = tiny_model(), random_batch()
     noise = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(3))
-    runs = [sampler.sample_sde(model, batch, noise, steps=6, cfg=2.0, shift=1.0, a=0.7,
+    runs = [sampler.sample_sde(model, batch, noise, steps=6, cfg_scale=2.0, shift=1.0, noise_level=0.7,
                                generator=torch.Generator().manual_seed(s), sde_window=(1, 4)) for s in (0, 0, 1)]
     assert torch.equal(runs[0]["x0"], runs[1]["x0"]) and not torch.equal(runs[0]["x0"], runs[2]["x0"])
     trajectory = runs[0]
@@ -122,23 +122,23 @@ def test_sde_is_stochastic_and_records_only_its_window():
         sampler.stochastic_steps(6, (4, 7))
 
 
-def policy_log_probs(model, batch, trajectory, cfg, a):
+def policy_log_probs(model, batch, trajectory, cfg_scale, noise_level):
     """Re-score every stored transition of a trajectory under the model's current parameters."""
-    return [sampler.policy_step(model, batch, x_t, float(t), float(t_next), cfg, a, prev_sample=x_next)
+    return [sampler.policy_step(model, batch, x_t, float(t), float(t_next), cfg_scale, noise_level, prev_sample=x_next)
             for x_t, x_next, t, t_next in zip(trajectory["x_t"], trajectory["x_next"], trajectory["t"],
                                                trajectory["t_next"])]
 
 
-@pytest.mark.parametrize("cfg", [1.0, 3.0])
-def test_ratio_is_exactly_one_before_an_update(cfg):
+@pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
+def test_ratio_is_exactly_one_before_an_update(cfg_scale):
     model, batch = tiny_model(), random_batch()
     noise = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(3))
     # train mode for both, as the trainer does: in eval mode under no_grad nn.TransformerEncoder takes
     # a fused fast path that rounds differently from the path with gradients (~6e-8 in the log-prob)
     model.train()
-    trajectory = sampler.sample_sde(model, batch, noise, steps=5, cfg=cfg, shift=3.0, a=0.7,
+    trajectory = sampler.sample_sde(model, batch, noise, steps=5, cfg_scale=cfg_scale, shift=3.0, noise_level=0.7,
                                     generator=torch.Generator().manual_seed(0))
-    steps = policy_log_probs(model, batch, trajectory, cfg, 0.7)
+    steps = policy_log_probs(model, batch, trajectory, cfg_scale, 0.7)
     log_probs = torch.stack([s.log_prob for s in steps])
     assert log_probs.requires_grad
     assert torch.equal(log_probs.detach(), trajectory["log_prob"])
@@ -149,7 +149,7 @@ def test_kl_is_zero_against_itself_and_positive_after_an_update():
     model, batch = tiny_model().train(), random_batch()
     reference = copy.deepcopy(model).requires_grad_(False)  # in train mode too: see the test above
     noise = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(3))
-    trajectory = sampler.sample_sde(model, batch, noise, steps=4, cfg=2.0, shift=1.0, a=0.7,
+    trajectory = sampler.sample_sde(model, batch, noise, steps=4, cfg_scale=2.0, shift=1.0, noise_level=0.7,
                                     generator=torch.Generator().manual_seed(0))
 
     def kl():
@@ -337,8 +337,8 @@ def test_resumed_run_equals_uninterrupted_run(pmtp_ckpt, tmp_path, algo):
     assert all(r["ratio_error"] == 0.0 for r in whole)  # each update's first minibatch scores as it sampled
     assert any(r["ground_images"] > 0 for r in whole)  # the cycle's gift to grounding ran
     for which in ("model", "ema"):
-        a, b = (load_file(str(tmp_path / run_ / "ckpt" / f"{which}.safetensors")) for run_ in ("whole", "parts"))
-        for key, value in a.items():
+        noise_level, b = (load_file(str(tmp_path / run_ / "ckpt" / f"{which}.safetensors")) for run_ in ("whole", "parts"))
+        for key, value in noise_level.items():
             assert np.array_equal(value, b[key]), (which, key)
 
 
@@ -361,8 +361,8 @@ def test_two_process_ddp_equals_one_process_with_the_same_layouts(pmtp_ckpt, tmp
     assert one[0]["kl"] == two[0]["kl"] == 0.0 and one[1]["kl"] > 0
     np.testing.assert_allclose(two[1]["kl"], one[1]["kl"], rtol=1e-4, atol=0, err_msg="kl")
     # Adam moves a weight by ~lr = 1e-4 a step; weights whose exact gradient is 0 move by normalized float noise
-    a, b = (load_file(str(tmp_path / run_ / "ckpt" / "model.safetensors")) for run_ in ("one", "two"))
-    for key, value in a.items():
+    noise_level, b = (load_file(str(tmp_path / run_ / "ckpt" / "model.safetensors")) for run_ in ("one", "two"))
+    for key, value in noise_level.items():
         np.testing.assert_allclose(b[key], value, atol=2e-5, err_msg=key)
 
 

@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 from safetensors.numpy import load_file
 
-import data
+import layouts
+import shapescenes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MICRO = ["--res=32", "--patch=8", "--dim=32", "--depth=2", "--heads=2", "--text_depth=1", "--max_instances=4",
@@ -136,17 +137,17 @@ def test_resume_from_another_model_config_is_refused(trained, tmp_path):
 
 
 def write_layout_file(path, scenes):
-    data.write_layouts(str(path), scenes)
+    layouts.write_layouts(str(path), scenes)
     return str(path)
 
 
 def test_sampler_cli_writes_one_png_per_scene_deterministically(trained, tmp_path):
-    scenes = data.make_scene_set("val", 3, seed=0)
-    layouts = write_layout_file(tmp_path / "layouts.json", scenes)
+    scenes = shapescenes.make_scene_set("val", 3, seed=0)
+    layout_file = write_layout_file(tmp_path / "layouts.json", scenes)
     ckpt = str(trained[1] / "ckpt")
     outputs = []
     for name in ("a", "b"):
-        run(["sampler.py", "--ckpt", ckpt, "--layouts", layouts, "--out", str(tmp_path / name), "--steps", "4"], tmp_path)
+        run(["sampler.py", "--ckpt", ckpt, "--layouts", layout_file, "--out", str(tmp_path / name), "--steps", "4"], tmp_path)
         outputs.append({f: np.array(Image.open(tmp_path / name / f)) for f in sorted(os.listdir(tmp_path / name))})
     assert sorted(outputs[0]) == [f"{s['id']}.png" for s in sorted(scenes, key=lambda s: s["id"])]
     for f, image in outputs[0].items():
@@ -160,12 +161,12 @@ def test_sampler_cli_writes_one_png_per_scene_deterministically(trained, tmp_pat
     ({"phrase": "red circle", "box": [0.1, 0.1, 1.3, 0.3]}, "1.3"),
 ])
 def test_sampler_cli_refuses_bad_layouts_and_writes_nothing(trained, tmp_path, instance, expected):
-    layouts = tmp_path / "bad.json"
-    layouts.write_text(json.dumps({"scenes": [
+    layout_file = tmp_path / "bad.json"
+    layout_file.write_text(json.dumps({"scenes": [
         {"id": "ok", "caption": "a red circle", "instances": [{"phrase": "red circle", "box": [0.1, 0.1, 0.4, 0.4]}]},
         {"id": "s7", "caption": "a red circle", "instances": [instance]}]}))
     out = tmp_path / "out"
-    result = run(["sampler.py", "--ckpt", str(trained[1] / "ckpt"), "--layouts", str(layouts), "--out", str(out)],
+    result = run(["sampler.py", "--ckpt", str(trained[1] / "ckpt"), "--layouts", str(layout_file), "--out", str(out)],
                  tmp_path, check=False)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
@@ -174,7 +175,7 @@ def test_sampler_cli_refuses_bad_layouts_and_writes_nothing(trained, tmp_path, i
 
 
 def test_sampler_cli_refuses_a_folder_that_is_not_a_checkpoint(tmp_path):
-    layouts = write_layout_file(tmp_path / "layouts.json", data.make_scene_set("val", 1, seed=0))
-    result = run(["sampler.py", "--ckpt", str(tmp_path), "--layouts", layouts, "--out", str(tmp_path / "o")],
+    layout_file = write_layout_file(tmp_path / "layouts.json", shapescenes.make_scene_set("val", 1, seed=0))
+    result = run(["sampler.py", "--ckpt", str(tmp_path), "--layouts", layout_file, "--out", str(tmp_path / "o")],
                  tmp_path, check=False)
     assert result.returncode == 2 and "not an EchoGen checkpoint" in result.stderr

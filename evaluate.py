@@ -3,15 +3,15 @@ Evaluation of an EchoGen model on fixed, seeded ShapeScenes sets (docs/design.md
 layout-to-image quality by the rule-based checker (never by a learned grounder), and the
 model's own grounding of the world's true renders.
 
-    python eval.py --ckpt out/pretrain/ckpt                          # val and heldout, 64 scenes each
-    python eval.py --ckpt out/pretrain/ckpt --sets val,heldout,crowded,leakage --n 64 --steps 25 --cfg 3.0
-    python eval.py --ckpt out/pretrain/ckpt --sets val,heldout,crowded,leakage --judge out/detector/ckpt --out out/eval
-    python eval.py --ckpt out/pretrain/ckpt --agreement 24     # does the own-head reward agree with the checker?
+    python evaluate.py --ckpt out/pretrain/ckpt                          # val and heldout, 64 scenes each
+    python evaluate.py --ckpt out/pretrain/ckpt --sets val,heldout,crowded,leakage --n 64 --steps 25 --cfg 3.0
+    python evaluate.py --ckpt out/pretrain/ckpt --sets val,heldout,crowded,leakage --judge out/detector/ckpt --out out/eval
+    python evaluate.py --ckpt out/pretrain/ckpt --agreement 24     # does the own-head reward agree with the checker?
 
 prints one JSON line per set, then a markdown table (a row per set). The sets: "val" in-distribution,
 "heldout" the held-out compositions, "crowded" 5 to 8 objects, "leakage" the attribute-leakage probe
 (objects of one shape in different colors, where IDM should help; "leakage" is its hardest case,
-"leakage_CASE" each case of data.LEAKAGE_CASES): besides the checker's ISR and color accuracy (its own
+"leakage_CASE" each case of shapescenes.LEAKAGE_CASES): besides the checker's ISR and color accuracy (its own
 color found in each box) it reports color_leak, the share of boxes holding another object's color.
 Per set, at the checkpoint's resolution:
   - the rule-based checker on the generated images: ISR, mIoU, color and shape accuracy, image success;
@@ -21,7 +21,7 @@ Per set, at the checkpoint's resolution:
     phrase means the confidence cannot see shapes);
   - "self_grounding": the same head on the model's own images against the asked boxes (Acc@0.5, mIoU),
     the view Cycle RL's reward takes: rising beside a flat checker, it shows reward hacking;
-  - with --judge (a StandaloneDetector of the same resolution, detector.py train --res=R): "judge", its
+  - with --judge (a StandaloneDetector of the same resolution, train_detector.py --res=R): "judge", its
     ISR and mIoU (IoU >= 0.5 with the asked box) on the generated images, a learned verdict beside the
     checker's.
 --out DIR writes table.md, results.json and DIR/grids/{set}.png (per row: the generated image with the
@@ -36,7 +36,7 @@ layout-to-image is scored as COCO-MIG does, by a StandaloneDetector trained on t
 images (--judge): ISR = the share of instances whose phrase the judge finds with IoU >= 0.5 to the
 asked box, mIoU the mean of those IoUs ("judge_real": the same judge on the real images, its
 ceiling); grounding is scored against the annotations:
-    python eval.py --ckpt out/coco/ckpt --judge out/coco_judge/ckpt --n 500
+    python evaluate.py --ckpt out/coco/ckpt --judge out/coco_judge/ckpt --n 500
 """
 
 import json
@@ -46,10 +46,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import coco
 import data
+import layouts
+import runtime
+import shapescenes
 import detector
 import rewards
-import runtime
 import sampler
 from model import EchoGen
 
@@ -67,7 +70,7 @@ def leakage_metrics(scenes, images):
     (connected to the box's core), so a true render scores 0 and a swap of colors 1. {} otherwise."""
     if not scenes or not all(map(is_leakage_scene, scenes)):
         return {}
-    leaks = [any(data.check_instance(image, dict(instance, color=other["color"]))["color_found"]
+    leaks = [any(shapescenes.check_instance(image, dict(instance, color=other["color"]))["color_found"]
                  for other in scene["instances"] if other is not instance)
              for scene, image in zip(scenes, images) for instance in scene["instances"]]
     return {"color_leak": round(sum(leaks) / len(leaks), 4)}
@@ -118,16 +121,22 @@ def shared_color_accuracy(boxes, scenes):
     for scene, scene_boxes in zip(scenes, boxes.tolist()):
         colors = [inst["color"] for inst in scene["instances"]]
         for inst, box in zip(scene["instances"], scene_boxes):
-            hits[colors.count(inst["color"]) > 1].append(data.box_iou(box, inst["box"]) >= 0.5)
+            hits[colors.count(inst["color"]) > 1].append(shapescenes.box_iou(box, inst["box"]) >= 0.5)
     return {f"acc50_{name}": round(float(np.mean(hits[shared])), 4) if hits[shared] else None
             for name, shared in (("shared_color", True), ("own_color", False))}
 
 
 def drawable(box, res):
-    """A predicted xyxy box that data.draw_boxes can draw: at least a pixel of the image wide and high
+    """A predicted xyxy box that layouts.draw_boxes can draw: at least a pixel of the image wide and high
     (a collapsed prediction would otherwise make PIL refuse the rectangle)."""
     x0, y0, x1, y1 = (float(v) for v in box)
     return [x0, y0, max(x1, x0 + 1 / res), max(y1, y0 + 1 / res)]
+
+
+def draw_found(image, scene, boxes):
+    """The image with the boxes (N, 4) xyxy a grounder found for the scene's phrases, in their colors."""
+    found = [dict(inst, box=drawable(box, image.shape[0])) for inst, box in zip(scene["instances"], boxes)]
+    return layouts.draw_boxes(image, dict(scene, instances=found))
 
 
 def grid_rows(scenes, images, truths, own_boxes=None, n_rows=8):
@@ -135,15 +144,14 @@ def grid_rows(scenes, images, truths, own_boxes=None, n_rows=8):
     with them | with own_boxes, the generated image with the boxes the model's head found in it."""
     rows = []
     for i, (scene, image, truth) in enumerate(list(zip(scenes, images, truths))[:n_rows]):
-        row = [data.draw_boxes(image, scene), data.draw_boxes(truth, scene)]
+        row = [layouts.draw_boxes(image, scene), layouts.draw_boxes(truth, scene)]
         if own_boxes is not None:
-            found = [dict(inst, box=drawable(own_boxes[i, j], image.shape[0])) for j, inst in enumerate(scene["instances"])]
-            row.append(data.draw_boxes(image, dict(scene, instances=found)))
+            row.append(draw_found(image, scene, own_boxes[i]))
         rows.append(row)
     return rows
 
 
-def evaluate(model, scenes, tokenizer, steps=25, cfg=3.0, shift=1.0, grid_path=None, judge=None, generator=None):
+def evaluate(model, scenes, tokenizer, steps=25, cfg_scale=3.0, shift=1.0, grid_path=None, judge=None, generator=None):
     """The checker's figures of the model's images of `scenes` (at the model's resolution), color_leak
     on the leakage probe, and, for a model with a grounding head, {"grounding": Acc@0.5, mIoU, AP} of
     its grounding of the true renders and {"self_grounding": Acc@0.5, mIoU} of its grounding of its
@@ -152,7 +160,7 @@ def evaluate(model, scenes, tokenizer, steps=25, cfg=3.0, shift=1.0, grid_path=N
     (grid_rows). generator: scenes -> uint8 images, in place of sampling the model (the tests score
     the world's true renders and noise through it); with one, model may be None (no grounding)."""
     if generator is None:
-        generator = lambda scenes: sampler.generate(model, scenes, tokenizer, steps, cfg, shift)
+        generator = lambda scenes: sampler.generate(model, scenes, tokenizer, steps, cfg_scale, shift)
     images = generator(scenes)
     res = images[0].shape[0] if len(images) else model.config.res
     truths = data.scene_images(scenes, res)  # the true renders, or the real images
@@ -160,7 +168,7 @@ def evaluate(model, scenes, tokenizer, steps=25, cfg=3.0, shift=1.0, grid_path=N
     if real:
         metrics = real_data_metrics(scenes, images, truths, judge)
     else:
-        metrics = {**data.check_images(scenes, images), **leakage_metrics(scenes, images)}
+        metrics = {**shapescenes.check_images(scenes, images), **leakage_metrics(scenes, images)}
         if judge is not None:
             metrics["judge"] = judge_images(judge, scenes, images)
     grounder, own_boxes = own_grounder(model, tokenizer), None
@@ -175,7 +183,7 @@ def evaluate(model, scenes, tokenizer, steps=25, cfg=3.0, shift=1.0, grid_path=N
             own_boxes, found = ground(grounder, scenes, images)
             metrics["self_grounding"] = {"acc50": found["acc50"], "miou": found["miou"]}
     if grid_path:
-        data.save_grid(grid_path, grid_rows(scenes, images, truths, own_boxes))
+        layouts.save_grid(grid_path, grid_rows(scenes, images, truths, own_boxes))
     return metrics
 
 
@@ -200,7 +208,7 @@ def summary(metrics):
 
 SET_NAMES = {"train": "training scenes", "val": "in-distribution", "heldout": "held-out compositions",
              "crowded": "crowded, 5 to 8 objects", "leakage": "attribute-leakage probe (its hardest case)",
-             **{f"leakage_{case}": f"leakage probe, case {case}" for case in data.LEAKAGE_CASES}}
+             **{f"leakage_{case}": f"leakage probe, case {case}" for case in shapescenes.LEAKAGE_CASES}}
 COLUMNS = [  # (header, where the figure lives in a set's metrics)
     ("ISR", ("isr",)), ("mIoU", ("miou",)), ("color acc", ("color_acc",)), ("shape acc", ("shape_acc",)),
     ("image success", ("image_success",)), ("color leak", ("color_leak",)),
@@ -246,32 +254,32 @@ def load_judge(path, res, device):
     judge = detector.load_grounder(path, device)
     if judge.res != res:
         runtime.fail(f"--judge '{path}': a judge of resolution {judge.res}, the model makes {res} "
-                     f"(train one with detector.py train --res={res})")
+                     f"(train one with train_detector.py --res={res})")
     return judge
 
 
-def evaluate_checkpoint(ckpt, sets, n=64, steps=25, cfg=3.0, shift=1.0, device="cpu", judge="", out_dir=None,
+def evaluate_checkpoint(ckpt, sets, n=64, steps=25, cfg_scale=3.0, shift=1.0, device="cpu", judge="", out_dir=None,
                         label=None):
     """evaluate() of a checkpoint's EMA weights on each ShapeScenes set (n scenes, seed 0), with a
     tqdm line. out_dir: results.json ({"ckpt", "step", the settings, "sets": {set: metrics}}),
     table.md and grids/{set}.png. -> the results dict."""
     model, tokenizer, saved = runtime.load_model(ckpt, EchoGen, "ema", device)
     for kind in sets:
-        if kind not in data.SCENE_SETS:
-            runtime.fail(f"--sets: unknown set '{kind}' ({', '.join(data.SCENE_SETS)})")
-        most = data.SCENE_SETS[kind][1][1]
+        if kind not in shapescenes.SCENE_SETS:
+            runtime.fail(f"--sets: unknown set '{kind}' ({', '.join(shapescenes.SCENE_SETS)})")
+        most = shapescenes.SCENE_SETS[kind][1][1]
         if most > model.config.max_instances:
             runtime.fail(f"--sets: '{kind}' holds up to {most} objects, the model at '{ckpt}' takes "
                          f"max_instances = {model.config.max_instances}")
     judge_grounder = load_judge(judge, model.config.res, device) if judge else None
-    results = {"ckpt": ckpt, "step": saved.get("step"), "res": model.config.res, "n": n, "steps": steps, "cfg": cfg,
+    results = {"ckpt": ckpt, "step": saved.get("step"), "res": model.config.res, "n": n, "steps": steps, "cfg": cfg_scale,
                "shift": shift, "judge": judge or None, "sets": {}}
     for kind in tqdm(sets, desc=f"eval {label or ckpt}"):
-        scenes = data.make_scene_set(kind, n, seed=0)
+        scenes = shapescenes.make_scene_set(kind, n, seed=0)
         grid = os.path.join(out_dir, "grids", f"{kind}.png") if out_dir else None
         if grid:
             os.makedirs(os.path.dirname(grid), exist_ok=True)
-        results["sets"][kind] = evaluate(model, scenes, tokenizer, steps, cfg, shift, grid_path=grid,
+        results["sets"][kind] = evaluate(model, scenes, tokenizer, steps, cfg_scale, shift, grid_path=grid,
                                          judge=judge_grounder)
     if out_dir:
         write_text(os.path.join(out_dir, "results.json"), json.dumps(results, indent=1) + "\n")
@@ -299,7 +307,8 @@ REWARD_VARIANTS = {
 
 
 @torch.no_grad()
-def reward_agreement(model, tokenizer, n_layouts, group_size=8, steps=10, cfg=3.0, a=0.7, sde_window=(0, 3), seed=0):
+def reward_agreement(model, tokenizer, n_layouts, group_size=8, steps=10, cfg_scale=3.0, noise_level=0.7, sde_window=(0, 3),
+                     seed=0):
     """Does the model's own layout reward agree with the checker where GRPO looks, within a group?
     n_layouts training-distribution layouts (seeded), group_size samples each through Cycle RL's SDE
     (sampler.sample_sde, the default window of the early steps), each image grounded by the model's
@@ -310,19 +319,19 @@ def reward_agreement(model, tokenizer, n_layouts, group_size=8, steps=10, cfg=3.
     model.train()  # Cycle RL samples in train mode (sampler.policy_step)
     per_variant, checker, instances = {name: [] for name in REWARD_VARIANTS}, [], []
     for i in tqdm(range(n_layouts), desc="agreement", leave=False):
-        scene = data.sample_scene(np.random.default_rng([seed, i]), (1, 4))
+        scene = shapescenes.sample_scene(np.random.default_rng([seed, i]), (1, 4))
         batch = {k: v.repeat_interleave(group_size, 0).to(device)
-                 for k, v in data.collate([scene], None, tokenizer, model.config.max_instances).items()}
+                 for k, v in layouts.collate([scene], None, tokenizer, model.config.max_instances).items()}
         noise = torch.randn((group_size, model.config.channels, model.config.res, model.config.res),
                             generator=torch.Generator().manual_seed(seed * 100003 + i)).to(device)
         generators = [runtime.step_generator(seed + 7919 * (j + 1), i, device) for j in range(group_size)]
-        images = sampler.sample_sde(model, batch, noise, steps, cfg, 1.0, a, generators, sde_window)["x0"]
+        images = sampler.sample_sde(model, batch, noise, steps, cfg_scale, 1.0, noise_level, generators, sde_window)["x0"]
         boxes, scores = grounder({**batch, "images": images.float().clamp(-1, 1)})
         iou = rewards.matched_ious(boxes, batch["boxes"], batch["phrase_ids"], batch["instance_mask"])
         mask = batch["instance_mask"].float()
         for name, variant in REWARD_VARIANTS.items():
             per_variant[name].append(variant(iou, scores.float(), mask).cpu())
-        passed = torch.tensor([[data.check_instance(picture, inst)["success"] for inst in scene["instances"]]
+        passed = torch.tensor([[shapescenes.check_instance(picture, inst)["success"] for inst in scene["instances"]]
                                for picture in sampler.to_uint8(images)], dtype=torch.float32)  # (G, n)
         checker.append(passed.mean(1))
         n = len(scene["instances"])
@@ -340,16 +349,16 @@ def reward_agreement(model, tokenizer, n_layouts, group_size=8, steps=10, cfg=3.
 def main():
     parser = runtime.ArgumentParser(description="Checker and grounding figures of an EchoGen checkpoint.")
     parser.add_argument("--ckpt", required=True, help="checkpoint folder (its EMA weights)")
-    parser.add_argument("--sets", default="val,heldout", help=f"comma-separated, from {', '.join(data.SCENE_SETS)}")
+    parser.add_argument("--sets", default="val,heldout", help=f"comma-separated, from {', '.join(shapescenes.SCENE_SETS)}")
     parser.add_argument("--n", type=runtime.positive_int, default=64, help="scenes per set (seed 0)")
     parser.add_argument("--steps", type=runtime.positive_int, default=25)
     parser.add_argument("--cfg", type=runtime.non_negative_float, default=3.0)
     parser.add_argument("--shift", type=runtime.positive_float, default=1.0)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--dataset", help=f"{data.DATASET_HELP}; default: the checkpoint's own")
+    parser.add_argument("--dataset", help=f"{coco.DATASET_HELP}; default: the checkpoint's own")
     parser.add_argument("--data_dir", help="where the data set's cache lives; default: the checkpoint's own")
     parser.add_argument("--judge", default="", help="a StandaloneDetector checkpoint: on ShapeScenes one trained at the "
-                        "model's resolution (detector.py train --res=R), its verdict beside the checker's; on real data "
+                        "model's resolution (train_detector.py --res=R), its verdict beside the checker's; on real data "
                         "one trained on the real training images (COCO-MIG's ISR and mIoU)")
     parser.add_argument("--out", default="", help="ShapeScenes: write table.md, results.json and grids/{set}.png here")
     parser.add_argument("--agreement", type=runtime.non_negative_int, default=0,
@@ -358,8 +367,8 @@ def main():
     args = parser.parse_args()
     sets = args.sets.split(",")
     for kind in sets:
-        if kind not in data.SCENE_SETS:
-            runtime.fail(f"--sets: unknown set '{kind}' ({', '.join(data.SCENE_SETS)})")
+        if kind not in shapescenes.SCENE_SETS:
+            runtime.fail(f"--sets: unknown set '{kind}' ({', '.join(shapescenes.SCENE_SETS)})")
     if args.out:
         runtime.check_output_folder("--out", args.out)
     device = runtime.resolve_device(args.device)
@@ -388,14 +397,14 @@ def main():
     if dataset != "shapescenes":  # real data: its held-out images, at the model's resolution, with its tokenizer
         if args.out:
             runtime.fail(f"--out: the table, JSON and grids are written for ShapeScenes sets; on real data ({dataset}) "
-                         "eval.py prints one JSON line")
+                         "evaluate.py prints one JSON line")
         model, tokenizer, saved = runtime.load_model(args.ckpt, EchoGen, "ema", device)
         judge = detector.load_grounder(args.judge, device) if args.judge else None
         try:
             _, _, scenes = data.load_dataset(dataset, model.config.res, model.config.max_instances,
                                              args.data_dir or saved["train"].get("data_dir", "data"),
                                              val_scenes=args.n, tokenizer=tokenizer)
-        except data.LayoutError as e:
+        except runtime.LayoutError as e:
             runtime.fail(e)
         metrics = evaluate(model, scenes, tokenizer, args.steps, args.cfg, args.shift, judge=judge)
         print(json.dumps({"set": "val", "dataset": dataset, "n": len(scenes), **metrics}), flush=True)
