@@ -302,23 +302,39 @@ def pmtp_ckpt(tmp_path_factory):
     return tmp / "pmtp" / "ckpt"
 
 
-def cycle_rl(ckpt, out, *extra, nproc=1):
-    run(["train_cycle_rl.py", f"--init_from={ckpt}", f"--out_dir={out}", *MICRO_RL, *extra], nproc)
+def read_log(out):
     with open(out / "log.jsonl") as f:
         return [{k: v for k, v in r.items() if k != "seconds"} for r in map(json.loads, f)]
+
+
+def cycle_rl(ckpt, out, *extra, nproc=1):
+    run(["train_cycle_rl.py", f"--init_from={ckpt}", f"--out_dir={out}", *MICRO_RL, *extra], nproc)
+    return read_log(out)
+
+
+def cycle_rl_side_by_side(ckpt, runs):
+    """Several cycle_rl runs at once, {out: extra args}, each one process of one thread (so each computes
+    what it computes alone): on two cores two runs take the time of one."""
+    procs = {out: subprocess.Popen([sys.executable, "train_cycle_rl.py", f"--init_from={ckpt}", f"--out_dir={out}",
+                                    *MICRO_RL, *extra], cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for out, extra in runs.items()}
+    for out, proc in procs.items():
+        _, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0, stderr[-3000:]
+    return {out: read_log(out) for out in runs}
 
 
 def test_grpo_updates_raise_an_analytic_reward(pmtp_ckpt, tmp_path):
     """Mean brightness inside the boxes: the same layouts and noise with lr = 0 are the control. 64 samples
     per update: with 16 the gradient estimate was too noisy for the reward to rise reliably in 15 updates."""
-    curves = {}
-    for lr in (0.0, 3e-3):
-        log = cycle_rl(pmtp_ckpt, tmp_path / f"lr{lr}", "--reward_kind=brightness", "--ground_generated=False",
-                       "--layouts_per_update=8", "--group_size=8", "--minibatches=1", "--kl_weight=0", "--sde_window_end=-1", "--max_steps=15",
-                       "--ckpt_interval=0", f"--lr={lr}", f"--min_lr={lr}")
-        curves[lr] = np.array([r["reward"] for r in log])
-        # one minibatch per update: the policy is scored exactly as it sampled, so the ratio is 1
-        assert all(r["approx_kl"] == 0.0 and r["clip_frac"] == 0.0 for r in log)
+    common = ["--reward_kind=brightness", "--ground_generated=False", "--layouts_per_update=8", "--group_size=8",
+              "--minibatches=1", "--kl_weight=0", "--sde_window_end=-1", "--max_steps=15", "--ckpt_interval=0"]
+    lrs = (0.0, 3e-3)
+    logs = cycle_rl_side_by_side(pmtp_ckpt, {tmp_path / f"lr{lr}": [*common, f"--lr={lr}", f"--min_lr={lr}"] for lr in lrs})
+    curves = {lr: np.array([r["reward"] for r in logs[tmp_path / f"lr{lr}"]]) for lr in lrs}
+    # one minibatch per update: the policy is scored exactly as it sampled, so the ratio is 1
+    assert all(r["approx_kl"] == 0.0 and r["clip_frac"] == 0.0 for log in logs.values() for r in log)
     assert len(curves[0.0]) == 15
     np.testing.assert_allclose(curves[0.0][0], curves[3e-3][0], rtol=1e-6)  # the same start
     gain = curves[3e-3][-5:].mean() - curves[0.0][-5:].mean()
