@@ -92,11 +92,11 @@ def test_conditioning_changes_output_and_padding_does_not(config):
 def test_dropped_condition_ignores_caption_and_layout(config):
     torch.manual_seed(0)
     model = perturb_zero_inits(EchoGen(config)).eval()
-    noise_level, b = random_batch(seed=0), random_batch(seed=1)
+    a, b = random_batch(seed=0), random_batch(seed=1)
     drop = torch.ones(2, dtype=torch.bool)
     x, t = torch.randn(2, 3, 16, 16), torch.full((2,), 0.3)
     outs = []
-    for batch in (noise_level, b):
+    for batch in (a, b):
         caption_ids, instance_mask = EchoGen.drop_conditions(batch["caption_ids"], batch["instance_mask"], drop)
         outs.append(model(x, t, caption_ids, batch["phrase_ids"], batch["boxes"], instance_mask).v)
     assert torch.allclose(outs[0], outs[1], atol=1e-6)

@@ -344,8 +344,8 @@ def test_grpo_updates_raise_an_analytic_reward(pmtp_ckpt, tmp_path):
 @pytest.mark.parametrize("algo", ["grpo", "ppo"])
 def test_resumed_run_equals_uninterrupted_run(pmtp_ckpt, tmp_path, algo):
     extra = [f"--algo={algo}", "--ground_threshold=0.5", "--train_steps=random", "--same_noise=True", "--ground_negatives=2"]
-    whole = cycle_rl(pmtp_ckpt, tmp_path / "whole", *extra, "--max_steps=4")
-    cycle_rl(pmtp_ckpt, tmp_path / "parts", *extra, "--max_steps=2")
+    whole = cycle_rl_side_by_side(pmtp_ckpt, {tmp_path / "whole": [*extra, "--max_steps=4"],
+                                              tmp_path / "parts": [*extra, "--max_steps=2"]})[tmp_path / "whole"]
     parts = cycle_rl(pmtp_ckpt, tmp_path / "parts", *extra, "--max_steps=4", "--init_from=resume")
     assert parts == whole and len(whole) == 4
     assert all(k in whole[0] for k in ("reward", "reward_std_in_group", "kl", "clip_frac", "approx_kl", "tie_groups",
@@ -353,8 +353,8 @@ def test_resumed_run_equals_uninterrupted_run(pmtp_ckpt, tmp_path, algo):
     assert all(r["ratio_error"] == 0.0 for r in whole)  # each update's first minibatch scores as it sampled
     assert any(r["ground_images"] > 0 for r in whole)  # the cycle's gift to grounding ran
     for which in ("model", "ema"):
-        noise_level, b = (load_file(str(tmp_path / run_ / "ckpt" / f"{which}.safetensors")) for run_ in ("whole", "parts"))
-        for key, value in noise_level.items():
+        a, b = (load_file(str(tmp_path / run_ / "ckpt" / f"{which}.safetensors")) for run_ in ("whole", "parts"))
+        for key, value in a.items():
             assert np.array_equal(value, b[key]), (which, key)
 
 
@@ -377,8 +377,8 @@ def test_two_process_ddp_equals_one_process_with_the_same_layouts(pmtp_ckpt, tmp
     assert one[0]["kl"] == two[0]["kl"] == 0.0 and one[1]["kl"] > 0
     np.testing.assert_allclose(two[1]["kl"], one[1]["kl"], rtol=1e-4, atol=0, err_msg="kl")
     # Adam moves a weight by ~lr = 1e-4 a step; weights whose exact gradient is 0 move by normalized float noise
-    noise_level, b = (load_file(str(tmp_path / run_ / "ckpt" / "model.safetensors")) for run_ in ("one", "two"))
-    for key, value in noise_level.items():
+    a, b = (load_file(str(tmp_path / run_ / "ckpt" / "model.safetensors")) for run_ in ("one", "two"))
+    for key, value in a.items():
         np.testing.assert_allclose(b[key], value, atol=2e-5, err_msg=key)
 
 
