@@ -11,10 +11,10 @@ format of every CLI (README, "The layout file").
 
 then open http://127.0.0.1:8000/. The API is JSON over HTTP:
     GET  /vocab      what the page needs: vocabulary, palette, limits, defaults
-    POST /validate   a layout document -> its scenes as read_layouts reads them (caption built if missing)
+    POST /validate   a layout document -> its scenes as layouts.parse_layouts reads them (caption built if missing)
     POST /generate   a layout document of one scene + seed, steps, cfg, n_seeds -> PNG data URLs and figures
 A bad request answers 400 with {"error": one line}: a layout error is the line the CLIs print (the
-validation is read_layouts'), a bad number names the field and the value. Nothing is computed for it.
+validation is layouts.parse_layouts, the CLIs' own), a bad number names the field and the value. Nothing is computed for it.
 One model is in memory; a lock makes concurrent requests queue for it.
 """
 
@@ -82,7 +82,7 @@ def read_generate_request(body, tokenizer, max_instances):
     """(scene, {seed, steps, cfg, n_seeds}) of a /generate body: a layout document of one scene, with the numbers
     beside "scenes"."""
     scenes = layouts.parse_layouts(body, tokenizer, max_instances, where="request")
-    document = json.loads(body)  # read_layouts parsed it already: this cannot fail
+    document = json.loads(body)  # parse_layouts parsed it already: this cannot fail
     unknown = sorted(set(document) - {"scenes", *REQUEST_FIELDS})
     if unknown:
         raise RequestError(f"request: unknown field {unknown[0]!r} (known: scenes, {', '.join(REQUEST_FIELDS)})")
@@ -125,8 +125,8 @@ class Studio:
                 "limits": {"steps": MAX_STEPS, "n_seeds": MAX_SEEDS}}
 
     def validate(self, body):
-        """/validate: every scene of a layout document, as read_layouts reads it; "caption_built" says the
-        caption was missing and is the one read_layouts built from the phrases."""
+        """/validate: every scene of a layout document, as parse_layouts reads it; "caption_built" says the
+        caption was missing and is the one parse_layouts built from the phrases."""
         scenes = layouts.parse_layouts(body, self.tokenizer, self.max_instances, where="request")
         raw = json.loads(body)["scenes"]
         return {"scenes": [dict(layout_scene(scene), caption_built="caption" not in sent,
