@@ -39,13 +39,14 @@ depth = 4
 heads = 4
 text_depth = 2
 max_instances = 8
-ground_every = 4  # PMTP as in train_pretrain.py; 0 = the generation-only step
+ground_every = 2  # PMTP as in train_pretrain.py; 0 = the generation-only step
 ground_depth = 2
 ground_candidates = 1
 idm = False  # IDM in every block, L_dis in the loss (model.IDM)
 box_attn_bias = 2.0  # the spatial prior of layout conditioning (model.box_attention_bias)
 layout_map = 32  # channels of the per-pixel layout map (model.LayoutMap); 0 = none
 pixel_head = 32  # hidden channels of the output path at pixel resolution (model.PixelHead); 0 = linear unpatchify
+conv_stem = 64  # hidden channels of the convolutional patch embedding (model.ConvStem); 0 = one linear map per patch
 prediction = "x0"  # "x0" (JiT) or "v": what the network outputs; the loss is on v either way
 batch_size = 32
 lr = 1e-3
@@ -100,7 +101,7 @@ def main():
                          grounding=ground_every > 0, ground_depth=ground_depth,
                          ground_candidates=ground_candidates, idm=idm,
                          box_attn_bias=box_attn_bias, layout_map=layout_map,
-                         pixel_head=pixel_head, prediction=prediction)
+                         pixel_head=pixel_head, conv_stem=conv_stem, prediction=prediction)
     model = EchoGen(config).to(dev)
     criterion = objectives.GroundingCriterion() if ground_every else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, fused=dev.type == "cuda")

@@ -170,6 +170,28 @@ def position_in_boxes(boxes, res):
     return torch.stack(torch.broadcast_tensors(u[..., None, :], v[..., :, None]), dim=-1)  # rows are y
 
 
+class ConvStem(nn.Module):
+    """The image's patch embedding as a few convolutions instead of one linear map per patch ("early
+    convolutions", Xiao et al. 2021): a 3 x 3 conv of stride 2 per halving down to the patch grid,
+    one 3 x 3 conv at the grid, then a 1 x 1 projection to D. (B, C, R, R) -> (B, D, R/p, R/p).
+    A linear patch embedding sees a shape as a bag of pixels cut at patch borders; the convolutions
+    see its edges and corners before the tokens mix, which is what tells a square from a circle of
+    one color (docs/grounding.md, "What the head reads")."""
+
+    def __init__(self, channels, hidden, dim, patch):
+        super().__init__()
+        assert patch & (patch - 1) == 0, f"a conv stem needs a power-of-two patch, got {patch}"
+        layers, c = [], channels
+        for stride in [2] * (patch.bit_length() - 1) + [1]:
+            layers += [nn.Conv2d(c, hidden, 3, stride=stride, padding=1), nn.GroupNorm(8, hidden), nn.SiLU()]
+            c = hidden
+        self.convs = nn.Sequential(*layers)
+        self.proj = nn.Conv2d(hidden, dim, 1)
+
+    def forward(self, x):
+        return self.proj(self.convs(x))
+
+
 class LayoutMap(nn.Module):
     """The layout where the pixels are: a (B, C, R, R) map whose pixel p holds
         sum_n coverage_n(p) * MLP(phrase_proj(phrase_n) + where_proj(Fourier(position of p inside box n))),
@@ -592,6 +614,7 @@ class ModelConfig:
     # the levers of learning shapes fast (docs/shapes.md): off here, the model of every checkpoint
     # made before them; the training scripts turn them on
     layout_map: int = 0  # channels of the per-pixel layout map (LayoutMap), patch-embedded beside the image; 0 = none
+    conv_stem: int = 0  # hidden channels of the image's convolutional patch embedding (ConvStem); 0 = one linear map per patch
     pixel_head: int = 0  # hidden channels of the output path at pixel resolution (PixelHead); 0 = linear unpatchify
     prediction: str = "v"  # what the network outputs: "v", or "x0" (JiT), turned into v = (x_t - x0) / t; the loss stays on v
 
@@ -616,7 +639,8 @@ class EchoGen(nn.Module):
         self.text = TextEncoder(config.vocab_size, max(config.max_caption_len, config.max_phrase_len),
                                 D, config.text_depth, config.heads)
         self.layout = LayoutEmbedding(D, config.fourier_freqs, queries=config.grounding)
-        self.patch_embed = nn.Conv2d(config.channels, D, config.patch, stride=config.patch)
+        self.patch_embed = (ConvStem(config.channels, config.conv_stem, D, config.patch) if config.conv_stem
+                            else nn.Conv2d(config.channels, D, config.patch, stride=config.patch))
         if config.layout_map:
             self.layout_map = LayoutMap(D, config.layout_map)
             # no bias: an all-zero map (no boxes, a grounding row) adds nothing to the patch embedding
@@ -646,8 +670,9 @@ class EchoGen(nn.Module):
                 nn.init.xavier_uniform_(m.weight)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-        w = self.patch_embed.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        if not self.config.conv_stem:  # a conv stem keeps torch's conv init
+            w = self.patch_embed.weight
+            nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         for block in self.blocks:
             for stream in (block.cond_stream, block.image_stream):
                 nn.init.zeros_(stream.adaLN[-1].weight)

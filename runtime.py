@@ -99,7 +99,7 @@ AT_LEAST_1 = ("max_steps", "lr_decay_steps", "batch_size", "grad_accum", "cache_
               "critic_hidden")
 AT_LEAST_0 = ("eval_interval", "ckpt_interval", "warmup_steps", "val_scenes", "data_seed", "seed", "layout_seed",
               "weight_decay", "grad_clip", "lr", "min_lr", "ground_every", "ground_weight", "idm_weight", "cycle_weight",
-              "recon_weight", "kl_weight", "box_attn_bias", "layout_map", "pixel_head", "negatives", "feature_level",
+              "recon_weight", "kl_weight", "box_attn_bias", "layout_map", "pixel_head", "conv_stem", "negatives", "feature_level",
               "clip_range", "adv_eps", "adv_clip", "critic_lr", "ground_threshold", "sde_window_start")
 POSITIVE = ("cfg_scale", "shift")
 FRACTIONS = ("cond_drop", "ground_clean", "ground_confusable", "ground_t_max", "cycle_t_max", "recon_min_conf",

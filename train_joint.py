@@ -70,7 +70,7 @@ lr_decay_steps = 1000
 ema_decay = 0.999
 # stage-1 losses, kept on (as in train_pretrain.py)
 cond_drop = 0.1
-ground_every = 4
+ground_every = 2
 ground_weight = 0.1
 ground_clean = 0.5
 ground_t_max = 0.5

@@ -73,6 +73,7 @@ idm = False  # IDM in every block (model.IDM, docs/design.md "The model"); False
 box_attn_bias = 2.0  # the spatial prior of layout conditioning (model.box_attention_bias); 0 = none
 layout_map = 32  # channels of the per-pixel layout map (model.LayoutMap); 0 = none
 pixel_head = 32  # hidden channels of the output path at pixel resolution (model.PixelHead); 0 = linear unpatchify
+conv_stem = 64  # hidden channels of the convolutional patch embedding (model.ConvStem); 0 = one linear map per patch
 prediction = "x0"  # "x0" (JiT) or "v": what the network outputs; the loss is on v either way
 # optimizer
 batch_size = 32  # per rank and micro-step; global batch = batch_size * grad_accum * world size
@@ -91,7 +92,7 @@ lr_decay_steps = 2000  # where cosine reaches min_lr; kept apart from max_steps 
 # generation objective
 cond_drop = 0.1
 # grounding objective (PMTP)
-ground_every = 4  # every 4th sample of the global batch is a grounding sample; 0 = generation only
+ground_every = 2  # every 2nd sample of the global batch is a grounding sample; 0 = generation only
 ground_weight = 0.1  # total loss = flow + ground_weight * grounding (the DETR terms sum to ~10x the flow MSE)
 ground_clean = 0.5  # share of grounding samples on the clean image, t = 0
 ground_t_max = 0.5  # the others at t ~ U[0, ground_t_max]
@@ -126,6 +127,8 @@ if init_from not in ("scratch", "resume") and not os.path.isdir(init_from):
 if prediction not in ("v", "x0") or layout_map < 0 or pixel_head < 0:
     runtime.fail(f"prediction must be 'v' or 'x0' (got {prediction!r}), layout_map and pixel_head >= 0 "
                  f"(got {layout_map} and {pixel_head})")
+if conv_stem and patch & (patch - 1):
+    runtime.fail(f"conv_stem needs a power-of-two patch (it halves the image per conv), got patch {patch}")
 if ground_every and batch_size % ground_every:
     runtime.fail(f"batch_size {batch_size} must be a multiple of ground_every {ground_every}, "
                  "so that every micro-batch holds both tasks")
@@ -154,7 +157,7 @@ model_config = ModelConfig(res=res, patch=patch, dim=dim, depth=depth, heads=hea
                            grounding=ground_every > 0, ground_depth=ground_depth,
                            ground_candidates=ground_candidates, idm=idm,
                            box_attn_bias=box_attn_bias, layout_map=layout_map,
-                           pixel_head=pixel_head, prediction=prediction)
+                           pixel_head=pixel_head, conv_stem=conv_stem, prediction=prediction)
 model = EchoGen(model_config).to(dev)
 criterion = objectives.GroundingCriterion() if ground_every else None
 ema = copy.deepcopy(model).eval().requires_grad_(False)

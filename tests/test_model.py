@@ -10,14 +10,14 @@ import layouts
 import shapescenes
 import sampler
 import objectives
-from model import (X0_T_MIN, EchoGen, LayoutMap, ModelConfig, box_attention_bias, fourier_box_embedding,
+from model import (X0_T_MIN, ConvStem, EchoGen, LayoutMap, ModelConfig, box_attention_bias, fourier_box_embedding,
                    patch_box_coverage, position_in_boxes)
 from objectives import flow_loss, interpolate, pmtp_loss
 
 TINY = ModelConfig(res=16, patch=2, dim=32, depth=2, heads=2, text_depth=1, vocab_size=20,
                    max_caption_len=10, max_phrase_len=4, max_instances=3)
-# the levers of learning shapes fast, all on: the per-pixel layout map, the pixel head, x0-prediction
-LEVERS = dataclasses.replace(TINY, layout_map=8, pixel_head=8, prediction="x0")
+# the levers of learning shapes fast, all on: the per-pixel layout map, the pixel head, x0-prediction, the conv stem
+LEVERS = dataclasses.replace(TINY, layout_map=8, pixel_head=8, prediction="x0", conv_stem=8)
 both_models = pytest.mark.parametrize("config", [TINY, LEVERS], ids=["plain", "levers"])
 
 
@@ -144,6 +144,23 @@ def test_pixel_head_starts_at_zero_and_its_features_at_their_init():
     v = model(torch.randn(2, 3, 16, 16), torch.rand(2), **random_batch()).v
     assert torch.all(v == 0), "the pixel head's zero-initialized last conv must predict v = 0"
     assert model.final.linear.weight.abs().sum() > 0, "the features feeding the head must not start at zero"
+
+
+@pytest.mark.parametrize("patch", [2, 4, 8])
+def test_conv_stem_makes_the_patch_grid_and_sees_across_patch_borders(patch):
+    torch.manual_seed(0)
+    R, D = 32, 16
+    stem, linear = ConvStem(3, 8, D, patch), torch.nn.Conv2d(3, D, patch, stride=patch)
+    x = torch.randn(1, 3, R, R)
+    nudged = x.clone()
+    nudged[0, :, patch - 1, patch - 1] += 1.0  # the last pixel of patch (0, 0), next to patch (1, 1)
+    for embed, crosses in ((stem, True), (linear, False)):
+        tokens, after = embed(x), embed(nudged)
+        assert tokens.shape == (1, D, R // patch, R // patch)
+        assert not torch.equal(tokens[..., 0, 0], after[..., 0, 0])
+        assert torch.equal(tokens[..., 1, 1], after[..., 1, 1]) is not crosses
+    with pytest.raises(AssertionError, match="power-of-two patch"):
+        ConvStem(3, 8, D, 6)
 
 
 def test_fourier_box_embedding_layout():
