@@ -220,6 +220,12 @@ CASES = [
     ("eval --n 0", lambda w, t: evaluate(w, t, "--n", "0"), ["--n", "'0'"]),
     ("eval --steps 0", lambda w, t: evaluate(w, t, "--steps", "0"), ["--steps", "'0'"]),
     ("eval --out is a file", lambda w, t: evaluate(w, t, out=w / "layouts.json"), ["--out", "not a folder"]),
+    # probe_head.py
+    ("probe with a generation-only checkpoint", lambda w, t: ["probe_head.py", "--ckpt", w / "gen_only"],
+     ["--ckpt", "gen_only", "grounding head"]),
+    ("probe --sources 9", lambda w, t: ["probe_head.py", "--ckpt", ckpt(w), "--sources", "embed,9"],
+     ["--sources", "'9'", "embed, 1, 2"]),
+    ("probe --steps 0", lambda w, t: ["probe_head.py", "--ckpt", ckpt(w), "--steps", "0"], ["--steps", "'0'"]),
     # detector.py predict
     ("predict with a generation-only checkpoint", lambda w, t: predict(w, t, checkpoint=w / "gen_only"),
      ["gen_only", "no grounding head"]),
