@@ -149,16 +149,20 @@ def test_pixel_head_starts_at_zero_and_its_features_at_their_init():
 @pytest.mark.parametrize("patch", [2, 4, 8])
 def test_conv_stem_makes_the_patch_grid_and_sees_across_patch_borders(patch):
     torch.manual_seed(0)
-    R, D = 32, 16
+    R, D = 64, 16
     stem, linear = ConvStem(3, 8, D, patch), torch.nn.Conv2d(3, D, patch, stride=patch)
     x = torch.randn(1, 3, R, R)
     nudged = x.clone()
     nudged[0, :, patch - 1, patch - 1] += 1.0  # the last pixel of patch (0, 0), next to patch (1, 1)
-    for embed, crosses in ((stem, True), (linear, False)):
+    change = {}
+    for name, embed in (("stem", stem), ("linear", linear)):
         tokens, after = embed(x), embed(nudged)
         assert tokens.shape == (1, D, R // patch, R // patch)
-        assert not torch.equal(tokens[..., 0, 0], after[..., 0, 0])
-        assert torch.equal(tokens[..., 1, 1], after[..., 1, 1]) is not crosses
+        change[name] = (after - tokens).abs()[0].sum(0)  # (g, g): how much each token moved
+    assert change["linear"][0, 0] > 0 and change["linear"].sum() == change["linear"][0, 0]
+    # the stem's convolutions reach the neighbouring patch; the far corner, beyond their reach, moves
+    # only through the GroupNorm statistics of the whole map, far less (7 to 980 times less over seeds)
+    assert change["stem"][1, 1] > 3 * change["stem"][-1, -1] > 0
     with pytest.raises(AssertionError, match="power-of-two patch"):
         ConvStem(3, 8, D, 6)
 

@@ -121,9 +121,10 @@ def test_unknown_config_key_is_refused(tmp_path):
 @pytest.mark.parametrize("argument, message", [
     ("--prediction=eps", "prediction must be 'v' or 'x0' (got 'eps'), layout_map and pixel_head >= 0 (got 32 and 32)"),
     ("--ground_negatives=-2", "ground_negatives must be >= 0, or -1 for 2 where they apply, got -2"),
+    ("--res=24 --patch=6", "conv_stem needs a power-of-two patch (it halves the image per conv), got patch 6"),
 ])
 def test_bad_config_value_is_refused_in_one_line(tmp_path, argument, message):
-    result, out = train(tmp_path, "bad", argument, check=False)
+    result, out = train(tmp_path, "bad", *argument.split(), check=False)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"error: {message}"]
     assert not out.exists()
