@@ -307,10 +307,11 @@ REWARD_VARIANTS = {
 
 
 @torch.no_grad()
-def reward_agreement(model, tokenizer, n_layouts, group_size=8, steps=10, cfg_scale=3.0, noise_level=0.7, sde_window=(0, 3),
-                     seed=0):
+def reward_agreement(model, tokenizer, n_layouts, kind="train", group_size=8, steps=10, cfg_scale=3.0, noise_level=0.7,
+                     sde_window=(0, 3), seed=0):
     """Does the model's own layout reward agree with the checker where GRPO looks, within a group?
-    n_layouts training-distribution layouts (seeded), group_size samples each through Cycle RL's SDE
+    n_layouts layouts of the scene set `kind`'s distribution (seeded by seed and index, not the set's own
+    seed), group_size samples each through Cycle RL's SDE
     (sampler.sample_sde, the default window of the early steps), each image grounded by the model's
     head and judged by the checker. -> {variant: rewards.agreement(...)} for REWARD_VARIANTS, and the
     head's mean IoU and confidence on the instances the checker passes and on those it fails."""
@@ -319,7 +320,8 @@ def reward_agreement(model, tokenizer, n_layouts, group_size=8, steps=10, cfg_sc
     model.train()  # Cycle RL samples in train mode (sampler.policy_step)
     per_variant, checker, instances = {name: [] for name in REWARD_VARIANTS}, [], []
     for i in tqdm(range(n_layouts), desc="agreement", leave=False):
-        scene = shapescenes.sample_scene(np.random.default_rng([seed, i]), (1, 4))
+        split, n_objects = shapescenes.SCENE_SETS[kind]
+        scene = shapescenes.sample_scene(np.random.default_rng([seed, i]), n_objects, split)
         batch = {k: v.repeat_interleave(group_size, 0).to(device)
                  for k, v in layouts.collate([scene], None, tokenizer, model.config.max_instances).items()}
         noise = torch.randn((group_size, model.config.channels, model.config.res, model.config.res),
@@ -364,6 +366,8 @@ def main():
     parser.add_argument("--agreement", type=runtime.non_negative_int, default=0,
                         help="ShapeScenes: only measure, on this many layouts x 8 SDE samples, how the own-head "
                         "reward agrees with the checker within groups (reward_agreement)")
+    parser.add_argument("--agreement_set", default="train", help="--agreement's layouts: the distribution of this "
+                        f"scene set ({', '.join(shapescenes.SCENE_SETS)}), other seeds than the set's own")
     args = parser.parse_args()
     sets = args.sets.split(",")
     for kind in sets:
@@ -375,10 +379,12 @@ def main():
     saved = runtime.read_checkpoint_config(args.ckpt)
     dataset = args.dataset or saved.get("train", {}).get("dataset", "shapescenes")
     if args.agreement:
+        if args.agreement_set not in shapescenes.SCENE_SETS:
+            runtime.fail(f"--agreement_set: unknown set '{args.agreement_set}' ({', '.join(shapescenes.SCENE_SETS)})")
         if dataset != "shapescenes" or not saved["model"].get("grounding"):
             runtime.fail(f"--agreement: needs a ShapeScenes model with a grounding head, got '{args.ckpt}'")
         model, tokenizer, _ = runtime.load_model(args.ckpt, EchoGen, "ema", device)
-        result = reward_agreement(model, tokenizer, args.agreement)
+        result = reward_agreement(model, tokenizer, args.agreement, args.agreement_set)
         lines = ["| reward | in-group correlation with the checker | correlation over all samples | tied groups |",
                  "| --- | --- | --- | --- |"]
         for name in REWARD_VARIANTS:
@@ -388,8 +394,8 @@ def main():
                          f"{r['tie_groups']:.2f} |")
         sample_isr = next(iter(result.values()))["sample_isr"]
         print(json.dumps(result))
-        print(f"\n{args.agreement} layouts x 8 SDE samples (10 steps, stochastic 0..2), checker ISR of the samples "
-              f"{sample_isr:.3f}; the head on passed instances: IoU "
+        print(f"\n{args.agreement} '{args.agreement_set}' layouts x 8 SDE samples (10 steps, stochastic 0..2), "
+              f"checker ISR of the samples {sample_isr:.3f}; the head on passed instances: IoU "
               f"{result['passed']['iou']}, confidence {result['passed']['confidence']}; on failed ones: IoU "
               f"{result['failed']['iou']}, confidence {result['failed']['confidence']}\n")
         print("\n".join(lines))

@@ -220,6 +220,8 @@ CASES = [
     ("eval --n 0", lambda w, t: evaluate(w, t, "--n", "0"), ["--n", "'0'"]),
     ("eval --steps 0", lambda w, t: evaluate(w, t, "--steps", "0"), ["--steps", "'0'"]),
     ("eval --out is a file", lambda w, t: evaluate(w, t, out=w / "layouts.json"), ["--out", "not a folder"]),
+    ("eval --agreement_set unknown", lambda w, t: evaluate(w, t, "--agreement", "1", "--agreement_set", "vall"),
+     ["--agreement_set", "'vall'"]),
     # probe_head.py
     ("probe with a generation-only checkpoint", lambda w, t: ["probe_head.py", "--ckpt", w / "gen_only"],
      ["--ckpt", "gen_only", "grounding head"]),
