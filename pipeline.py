@@ -83,7 +83,8 @@ PRESETS = {
     # what each stage adds: the main job's stages (the same commands in the same out_dir, so that after
     # `python pipeline.py` only the others train) and their controls at equal minutes on 2 CPU cores,
     # from the speeds of the main job's latest run alone there: PMTP 2.7 steps/s, DJO 1.12, a Cycle RL
-    # update 5.2 s; generation only 1.3 x PMTP's speed (2.6 against 2.0 steps/s, measured before the conv stem):
+    # update 5.2 s; generation only 3.09 steps/s (200 steps alone, with the conv stem) against PMTP's 2.76
+    # over its 798 s of training:
     #   gen_only   PMTP's 2200 steps' minutes of generation only
     #   pmtp_idm   PMTP's 2200 steps with IDM (the IDM on/off pair is at equal steps)
     #   pmtp_more  PMTP continued for DJO's 200 steps' minutes (485 steps)
@@ -92,7 +93,7 @@ PRESETS = {
     "ablations": dict(
         out_dir="out/pipeline",
         res=32,
-        budgets=dict(judge=600, gen_only=2850, pmtp=2200, pmtp_idm=2200, pmtp_more=485, djo=200, djo_more=235,
+        budgets=dict(judge=600, gen_only=2450, pmtp=2200, pmtp_idm=2200, pmtp_more=485, djo=200, djo_more=235,
                      cycle_rl=40, cycle_rl_ppo=40),
         eval=dict(sets="val,heldout,crowded,leakage", n=64, steps=25, cfg=3.0),
         args=TINY_ARGS,
