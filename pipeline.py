@@ -48,8 +48,6 @@ import subprocess
 import sys
 import time
 
-import torch
-
 import data
 import runtime
 import shapescenes
@@ -319,8 +317,7 @@ def main():
         runtime.fail(f"--nproc must be >= 1, got {args.nproc}")
     preset = PRESETS[args.preset]
     args.out_dir = args.out_dir or preset["out_dir"]
-    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else (
-        "cpu" if args.device == "auto" else args.device)
+    device = runtime.resolve_device(args.device)
     if args.fresh:
         for entry in WRITTEN:
             path = os.path.join(args.out_dir, entry)

@@ -216,6 +216,9 @@ CASES = [
     ("sampler --cfg inf", lambda w, t: sample(w, t, "--cfg", "inf"), ["--cfg", "'inf'"]),
     pytest.param("sampler --device cuda without CUDA", lambda w, t: sample(w, t, "--device", "cuda"),
                  ["--device cuda", "no CUDA device"], marks=no_cuda),
+    pytest.param("pipeline --device cuda without CUDA",
+                 lambda w, t: ["pipeline.py", "--preset=micro", "--out_dir", t / "pipeline", "--device", "cuda"],
+                 ["--device cuda", "no CUDA device"], marks=no_cuda),
     # evaluate.py's flags
     ("eval --n 0", lambda w, t: evaluate(w, t, "--n", "0"), ["--n", "'0'"]),
     ("eval --steps 0", lambda w, t: evaluate(w, t, "--steps", "0"), ["--steps", "'0'"]),
