@@ -64,7 +64,7 @@ def curve_table(records):
     return "\n".join(lines) + "\n"
 
 
-def plot_cycle_rl(records, path, title=""):
+def plot_cycle_rl(records, path, title="", reward_label="reward (IoU + confidence)"):
     """A Cycle RL log -> a PNG of two panels against updates: the reward (per update and its running
     mean over 10), and the rule-based checker's ISR, on the update's own SDE samples and on the fixed
     validation set (the EMA model, Euler sampler) at its evaluations. A rising reward over a flat
@@ -76,7 +76,7 @@ def plot_cycle_rl(records, path, title=""):
     top.plot(x, reward, color="tab:blue", alpha=0.35, lw=1, label="reward per update")
     top.plot(x, [sum(reward[max(0, i - 9):i + 1]) / len(reward[max(0, i - 9):i + 1]) for i in range(len(reward))],
              color="tab:blue", lw=2, label="running mean (10 updates)")
-    top.set_ylabel("reward (IoU + confidence)")
+    top.set_ylabel(reward_label)
     top.legend(loc="lower right", fontsize=8)
     if updates and "sample_isr" in updates[0]:
         bottom.plot(x, [r["sample_isr"] for r in updates], color="tab:orange", alpha=0.5, lw=1,

@@ -19,6 +19,8 @@ script's own:
     djo_more      train_joint.py                       DJO continued from djo at Cycle RL's lr: Cycle RL's control
     cycle_rl      train_cycle_rl.py --algo=grpo        stage 3, Cycle RL (GRPO), from djo
     cycle_rl_ppo  train_cycle_rl.py --algo=ppo         stage 3 with PPO and its critic, from djo, the same sampling budget
+    cycle_rl_oracle  train_cycle_rl.py --reward_kind=checker   GRPO with the checker's verdict as its reward, from djo:
+                  what Cycle RL could add with a reward that agrees with the checker (a diagnosis, never the method)
 The main job (tiny) is the chain judge, pmtp, djo, cycle_rl: most of its minutes go to PMTP, and it
 ends on the best model the project makes on a CPU. The ablations preset holds the main job's stages
 (the same commands in the same out_dir: after the main job only the others train) and the stages
@@ -88,11 +90,12 @@ PRESETS = {
     #   pmtp_more  PMTP continued for DJO's 200 steps' minutes (485 steps)
     #   djo_more   DJO continued for Cycle RL's 40 updates' minutes (235 steps)
     #   cycle_rl_ppo  PPO from the same DJO checkpoint, with GRPO's sampling budget
+    #   cycle_rl_oracle  GRPO from the same DJO checkpoint and budget, the checker's verdict as the reward
     "ablations": dict(
         out_dir="out/pipeline",
         res=32,
         budgets=dict(judge=600, gen_only=2450, pmtp=2200, pmtp_idm=2200, pmtp_more=485, djo=200, djo_more=235,
-                     cycle_rl=40, cycle_rl_ppo=40),
+                     cycle_rl=40, cycle_rl_ppo=40, cycle_rl_oracle=40),
         eval=dict(sets="val,heldout,crowded,leakage", n=64, steps=25, cfg=3.0),
         args=TINY_ARGS,
     ),
@@ -101,7 +104,7 @@ PRESETS = {
         out_dir="out/pipeline_micro",
         res=32,
         budgets=dict(judge=2, gen_only=2, pmtp=2, pmtp_idm=2, pmtp_more=2, djo=2, djo_more=2, cycle_rl=1,
-                     cycle_rl_ppo=1),
+                     cycle_rl_ppo=1, cycle_rl_oracle=1),
         eval=dict(sets="val,heldout,crowded,leakage", n=3, steps=2, cfg=3.0),
         args=dict(
             judge=["--dim=32", "--depth=1", "--heads=2", "--text_depth=1", "--batch_size=4", "--cache_scenes=64",
@@ -148,6 +151,10 @@ STAGES = {
     "djo_more": (["train_joint.py"], "djo", ["--lr=1e-4", "--min_lr=1e-5", "--seed=2025", "--data_seed=2"], "djo"),
     "cycle_rl": (["train_cycle_rl.py"], "cycle_rl", ["--algo=grpo"], "djo"),
     "cycle_rl_ppo": (["train_cycle_rl.py"], "cycle_rl", ["--algo=ppo"], "djo"),
+    # the checker as the reward: an upper bound on what the stage can add in its budget (the head gets no gift:
+    # its verdict is not a grounder's)
+    "cycle_rl_oracle": (["train_cycle_rl.py"], "cycle_rl", ["--algo=grpo", "--reward_kind=checker",
+                                                           "--ground_generated=False"], "djo"),
 }
 ROWS = {  # the rows of the results table, in its order (those of the preset's stages)
     "gen_only": "generation only (baseline)",
@@ -158,6 +165,7 @@ ROWS = {  # the rows of the results table, in its order (those of the preset's s
     "djo_more": "PMTP + DJO continued (Cycle RL's minutes)",
     "cycle_rl": "PMTP + DJO + Cycle RL (GRPO)",
     "cycle_rl_ppo": "PMTP + DJO + Cycle RL (PPO)",
+    "cycle_rl_oracle": "PMTP + DJO + Cycle RL, the checker as reward (oracle)",
 }
 TRUE_RENDERS = "true renders (the ceiling)"
 ROOT = os.path.dirname(os.path.abspath(__file__))

@@ -103,7 +103,7 @@ AT_LEAST_0 = ("eval_interval", "ckpt_interval", "warmup_steps", "val_scenes", "d
               "clip_range", "adv_eps", "adv_clip", "critic_lr", "ground_threshold", "sde_window_start")
 POSITIVE = ("cfg_scale", "shift")
 FRACTIONS = ("cond_drop", "ground_clean", "ground_confusable", "ground_t_max", "cycle_t_max", "recon_min_conf",
-             "train_fraction", "beta1", "beta2", "ema_decay", "sde_noise_level")  # in [0, 1]
+             "train_fraction", "beta1", "beta2", "ema_decay", "sde_noise_level", "heldout_share")  # in [0, 1]
 CHOICES = {"schedule": ("cosine", "constant"), "device": ("auto", "cpu", "cuda")}
 
 

@@ -4,12 +4,14 @@ only, no images. The policy is the generator sampled through the SDE of sampler.
 the model's own grounding of what it generated, against the layout it was asked for.
 
 Per update:
-  1. layouts_per_update layouts per rank from the world's scene sampler (shapescenes.sample_scene, no images),
+  1. layouts_per_update layouts per rank from the world's scene sampler (shapescenes.sample_scene, no images;
+     min_objects..max_objects objects, a heldout_share of them of the held-out pairs no training image shows),
      or, on real data (--dataset=coco:..., by default the checkpoint's own), from its training annotations;
   2. group_size samples of each through the SDE (same_noise: the G samples share their initial
      noise and differ by the SDE's noise alone), every stochastic step's transition and log-prob kept;
   3. rewards (rewards.layout_reward): IoU + confidence from a frozen copy of the model's own head,
-     refreshed every reward_refresh updates (or, reward_ckpt, a fixed standalone detector);
+     refreshed every reward_refresh updates (or, reward_ckpt, a fixed standalone detector); for
+     diagnosis, reward_kind = "checker" puts the rule-based checker's verdict in its place;
   4. advantages: GRPO (algo = "grpo"), per group mean / std, groups whose rewards are all equal
      skipped; PPO (algo = "ppo", I-DRUID), r - phi(x_t, t, layout) from a small MLP critic trained on
      the rewards (rewards.ValueCritic);
@@ -85,6 +87,8 @@ judge = ""  # real data: a StandaloneDetector checkpoint that scores the validat
 layout_seed = 0
 min_objects = 1  # ShapeScenes layouts only: a real data set's layouts hold what their images hold
 max_objects = 4
+heldout_share = 0.0  # ShapeScenes: the share of layouts made of the held-out (color, shape) pairs, which no training
+# image shows; Cycle RL needs no images, so it may train on them (the fixed heldout set's scenes are other seeds)
 # sampling the policy
 layouts_per_update = 4  # per rank
 group_size = 8  # G samples per layout
@@ -106,12 +110,15 @@ kl_weight = 1.0  # 0.01 let the policy drift: val ISR 0.95 -> 0.69 in 40 updates
 idm_weight = 0.01  # L_dis on the policy's velocity passes, for a model with IDM (ignored without); untuned
 minibatches = 2  # optimizer steps per update, each over a share of the samples and all trained steps
 # reward
-reward_kind = "grounding"  # "grounding" (the layout reward) or "brightness" (analytic, inside the boxes: tests the loop)
+reward_kind = "grounding"  # "grounding" (the layout reward); "checker" (ShapeScenes: the checker's verdict itself, an
+# oracle that agrees with the verdict by construction: what RL could do with a reward that sees what the checker sees,
+# for diagnosis, never the method); "brightness" (analytic, inside the boxes: tests the loop)
 reward_ckpt = ""  # "" = the model's own head (a frozen copy); else a grounder checkpoint (StandaloneDetector)
 reward_refresh = 5  # updates between refreshes of the frozen own-head copy
 # the cycle's gift to grounding
 ground_generated = True
-ground_threshold = 1.5  # reward (IoU + confidence, in [0, 2]) from which an image trains the head
+ground_threshold = 1.5  # the reward from which an image trains the head (IoU + confidence is in [0, 2]; the
+# checker's reward, its share of passed instances, in [0, 1])
 ground_weight = 0.1
 ground_negatives = -1  # hard negative phrases per such image (shapescenes.add_hard_negatives); -1 = as the checkpoint's PMTP
 # the PPO critic
@@ -141,8 +148,8 @@ config = {k: globals()[k] for k in config_keys}
 
 dist_ctx = runtime.Dist(device)
 dev = dist_ctx.device
-if reward_kind not in ("grounding", "brightness"):
-    runtime.fail(f"reward_kind must be 'grounding' or 'brightness', got {reward_kind!r}")
+if reward_kind not in ("grounding", "checker", "brightness"):
+    runtime.fail(f"reward_kind must be 'grounding', 'checker' or 'brightness', got {reward_kind!r}")
 if algo not in ("grpo", "ppo"):
     runtime.fail(f"algo must be 'grpo' or 'ppo', got {algo!r}")
 if train_steps not in ("all", "early", "random"):
@@ -220,6 +227,8 @@ else:  # the training scenes' layouts, their captions picked with the checkpoint
     layout_pool = real.scenes
     if reward_ckpt and grounder.tokenizer.get_vocab() != tokenizer.get_vocab():
         runtime.fail(f"reward_ckpt '{reward_ckpt}': its tokenizer differs from the model's (train both on the same dataset)")
+if reward_kind == "checker" and dataset != "shapescenes":
+    runtime.fail(f"reward_kind 'checker': the rule-based checker exists for ShapeScenes only, not for dataset {dataset!r}")
 judge_grounder = detector.load_grounder(judge, dev) if judge else None
 if dist_ctx.master:
     print(f"Cycle RL ({algo}) from {source}: {model.num_params() / 1e6:.2f}M parameters, res {res}, "
@@ -239,13 +248,18 @@ log = runtime.JsonlLog(os.path.join(out_dir, "log.jsonl"), dist_ctx.master, from
 guard = runtime.UpdateGuard(log)
 
 
+def layout_split(rng):
+    # no draw at heldout_share = 0, so that the layouts stay those of a run without the option
+    return "heldout" if heldout_share and rng.random() < heldout_share else "train"
+
+
 def draw_layouts(update):
     """This rank's layouts of an update, each repeated group_size times (groups contiguous): the
     scenes and their collated conditions on the device. Real data: layouts drawn from its annotations."""
     first = dist_ctx.rank * layouts_per_update
     rngs = [np.random.default_rng([layout_seed, update, first + i]) for i in range(layouts_per_update)]
     if layout_pool is None:
-        scenes = [shapescenes.sample_scene(rng, (min_objects, max_objects)) for rng in rngs]
+        scenes = [shapescenes.sample_scene(rng, (min_objects, max_objects), layout_split(rng)) for rng in rngs]
     else:
         scenes = [layout_pool[int(rng.integers(len(layout_pool)))] for rng in rngs]
     batch = layouts.collate(scenes, None, tokenizer, max_instances)
@@ -395,9 +409,13 @@ def rl_update(update):
     trajectory = {"x0": torch.cat([p["x0"] for p in parts]),  # (B, C, R, R); the steps' records are (S, B, ...)
                   **{k: torch.cat([p[k] for p in parts], dim=1) for k in ("x_t", "x_next", "log_prob")},
                   **{k: parts[0][k] for k in ("t", "t_next", "step")}}
+    # ShapeScenes: the checker judges the policy's own samples (logged beside the reward, or the oracle reward)
+    checker = checker_per_image(trajectory["x0"], scenes) if layout_pool is None else None
     if reward_kind == "brightness":
         brightness = rewards.brightness_reward(trajectory["x0"], batch["boxes"], batch["instance_mask"])
         scored = {"reward": brightness, "iou": torch.zeros_like(brightness), "confidence": torch.zeros_like(brightness)}
+    elif reward_kind == "checker":
+        scored = {"reward": checker, "iou": torch.zeros_like(checker), "confidence": torch.zeros_like(checker)}
     else:
         with runtime.autocast(dev):
             scored = rewards.layout_reward(grounder, trajectory["x0"], batch)
@@ -424,13 +442,17 @@ def rl_update(update):
                   reward_std_in_group=all_rewards.view(-1, group_size).std(1, unbiased=False).mean().item(),
                   reward_iou=dist_ctx.all_reduce_mean(scored["iou"].mean().item()),
                   reward_conf=dist_ctx.all_reduce_mean(scored["confidence"].mean().item()))
-    if layout_pool is None:  # ShapeScenes: the checker can judge the policy's own samples
-        record.update(rewards.agreement(all_rewards, gather(checker_per_image(trajectory["x0"], scenes)), group_size))
+    if checker is not None:
+        record.update(rewards.agreement(all_rewards, gather(checker), group_size))
     for key in ("kl", "clip_frac", "approx_kl", "policy_loss", "critic_loss", "ground_loss", "idm"):
         if key in record:
             record[key] = dist_ctx.all_reduce_mean(record[key])
     record["ratio_error"] = dist_ctx.all_reduce_max(record["ratio_error"])
     return record, trajectory["x0"], scenes
+
+
+REWARD_LABELS = {"grounding": "reward (IoU + confidence)", "checker": "reward (the checker's ISR: oracle)",
+                 "brightness": "reward (brightness inside the boxes)"}
 
 
 def validate(update):
@@ -441,7 +463,8 @@ def validate(update):
     metrics = evaluate.evaluate(ema, val_set, tokenizer, eval_steps, cfg_scale, shift, grid_path=grid,
                                   judge=judge_grounder)
     log.write({"step": update, "eval": metrics})
-    curve.plot_cycle_rl(curve.read_log(log.path), os.path.join(out_dir, "reward.png"), f"Cycle RL ({algo}), {out_dir}")
+    curve.plot_cycle_rl(curve.read_log(log.path), os.path.join(out_dir, "reward.png"), f"Cycle RL ({algo}), {out_dir}",
+                        REWARD_LABELS[reward_kind])
     tqdm.write(f"update {update}: val {evaluate.summary(metrics)} -> {grid}")
 
 

@@ -380,6 +380,12 @@ def test_djo_and_cycle_rl_run_on_coco_with_the_checkpoints_dataset(stages):
          *MICRO_RL])
     rl = records(stages / "rl")
     assert [r["step"] for r in rl if "reward" in r] == [1] and "grounding" in rl[-1]["eval"]
+    # the checker's verdict as the reward (the diagnostic oracle) exists for ShapeScenes only
+    refused = run(["train_cycle_rl.py", f"--init_from={ckpt}", f"--out_dir={stages / 'rl_checker'}",
+                   f"--data_dir={stages / 'data'}", *MICRO_RL, "--reward_kind=checker"], check=False)
+    assert refused.returncode == 2 and re.fullmatch(r"error: reward_kind 'checker': .* not for dataset 'coco:.*'\n",
+                                                    refused.stderr)
+    assert not (stages / "rl_checker" / "ckpt").exists()
 
 
 def test_eval_scores_the_held_out_images_with_the_judge(stages):

@@ -121,6 +121,9 @@ def test_the_pipeline_runs_every_stage_and_ends_with_the_table(main_job):
     assert saved["cycle_rl"]["train"]["init_from"] == str(out / "djo" / "ckpt")
     assert saved["cycle_rl_ppo"]["train"]["init_from"] == str(out / "djo" / "ckpt")
     assert saved["cycle_rl"]["train"]["algo"] == "grpo" and saved["cycle_rl_ppo"]["train"]["algo"] == "ppo"
+    assert [saved[name]["train"]["reward_kind"] for name in ("cycle_rl", "cycle_rl_ppo", "cycle_rl_oracle")] == [
+        "grounding", "grounding", "checker"]
+    assert saved["cycle_rl_oracle"]["train"]["init_from"] == str(out / "djo" / "ckpt")
     assert [saved[name]["model"]["idm"] for name in pipeline.ROWS] == [name == "pmtp_idm" for name in pipeline.ROWS]
     assert not saved["gen_only"]["model"]["grounding"] and saved["pmtp"]["model"]["grounding"]
 
