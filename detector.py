@@ -178,30 +178,44 @@ def coco_precision(ground_truth, detections, max_dets=100):
     return precision
 
 
-def grounding_metrics(pred_boxes_xyxy, pred_scores, scenes):
-    """pred_boxes_xyxy: per scene, one xyxy box per instance in slot order ((B, N, 4) tensor or
-    array, or a list of (n_i, 4)); pred_scores likewise (B, N) -> {"acc50", "miou", "ap", "ap50"}.
-    Acc@0.5 and mIoU: where instances share a phrase, predictions and truths are first matched
-    one-to-one (Hungarian, maximum total IoU). AP: COCO's AP@[.50:.05:.95] and AP50 with the phrases
-    as categories, over all predictions with their scores."""
-    ious, ground_truth, detections = [], [], []
-    for i, scene in enumerate(scenes):
+def _scene_slots(predictions, n):
+    """One scene's predictions ((N, ...) tensor or array, or a list) -> its first n slots, float64 numpy."""
+    return np.asarray(torch.as_tensor(predictions).detach().cpu().double())[:n]
+
+
+def instance_ious(pred_boxes_xyxy, scenes):
+    """pred_boxes_xyxy: per scene, one xyxy box per instance in slot order ((B, N, 4) tensor or array, or a
+    list of (n_i, 4)) -> per scene, (n_i,) each instance's IoU with the prediction matched to it: where
+    instances share a phrase, predictions and truths are first matched one-to-one (Hungarian, maximum total IoU)."""
+    ious = []
+    for predictions, scene in zip(pred_boxes_xyxy, scenes):
         n = len(scene["instances"])
-        boxes = np.asarray(torch.as_tensor(pred_boxes_xyxy[i]).detach().cpu().double())[:n]
-        scores = np.asarray(torch.as_tensor(pred_scores[i]).detach().cpu().double())[:n]
         truths = np.array([inst["box"] for inst in scene["instances"]], np.float64)
         phrases = [inst["phrase"] for inst in scene["instances"]]
-        iou = _iou_matrix(boxes, truths)  # (n, n): prediction of slot j vs truth of instance j'
+        iou = _iou_matrix(_scene_slots(predictions, n), truths)  # (n, n): prediction of slot j vs truth of instance j'
         groups = np.array([phrases.index(p) for p in phrases])  # matcher.phrase_groups, on strings
         target = assign_within_groups(iou, groups, maximize=True)
         per_instance = np.zeros(n)
         per_instance[target] = iou[np.arange(n), target]  # each truth's IoU with the prediction assigned to it
-        ious += per_instance.tolist()
-        ground_truth += [(i, phrase, truths[j]) for j, phrase in enumerate(phrases)]
-        detections += [(i, phrase, boxes[j], float(scores[j])) for j, phrase in enumerate(phrases)]
+        ious.append(per_instance)
+    return ious
+
+
+def grounding_metrics(pred_boxes_xyxy, pred_scores, scenes):
+    """pred_boxes_xyxy: per scene, one xyxy box per instance in slot order ((B, N, 4) tensor or
+    array, or a list of (n_i, 4)); pred_scores likewise (B, N) -> {"acc50", "miou", "ap", "ap50"}.
+    Acc@0.5 and mIoU: of instance_ious, the one-to-one matched IoUs. AP: COCO's AP@[.50:.05:.95] and
+    AP50 with the phrases as categories, over all predictions with their scores."""
+    ground_truth, detections = [], []
+    for i, scene in enumerate(scenes):
+        n = len(scene["instances"])
+        boxes, scores = _scene_slots(pred_boxes_xyxy[i], n), _scene_slots(pred_scores[i], n)
+        for j, inst in enumerate(scene["instances"]):
+            ground_truth.append((i, inst["phrase"], np.array(inst["box"], np.float64)))
+            detections.append((i, inst["phrase"], boxes[j], float(scores[j])))
     precision = coco_precision(ground_truth, detections)
     mean_valid = lambda p: float(p[p > -1].mean()) if (p > -1).any() else 0.0
-    ious = np.array(ious)
+    ious = np.concatenate([np.zeros(0)] + instance_ious(pred_boxes_xyxy, scenes))
     if len(ious) == 0:
         return {"acc50": 0.0, "miou": 0.0, "ap": 0.0, "ap50": 0.0}
     return {"acc50": float((ious >= 0.5).mean()), "miou": float(ious.mean()),

@@ -555,11 +555,21 @@ def check_instance(image, instance):
             "success": shape_ok and iou >= 0.5}
 
 
-def check_images(scenes, images):
-    per_image = [[check_instance(image, inst) for inst in scene["instances"]] for scene, image in zip(scenes, images)]
+def check_scenes(scenes, images):
+    """Per scene, check_instance's verdict on each of its instances in its image."""
+    return [[check_instance(image, inst) for inst in scene["instances"]] for scene, image in zip(scenes, images)]
+
+
+def checker_figures(per_image):
+    """check_scenes' verdicts -> the checker's figures: ISR, mIoU, color and shape accuracy over the instances,
+    image success over the scenes."""
     results = [r for rs in per_image for r in rs]
     rate = lambda values: round(float(np.mean(values)), 4) if values else 0.0
     return {"isr": rate([r["success"] for r in results]), "miou": rate([r["iou"] for r in results]),
             "color_acc": rate([r["color_found"] for r in results]), "shape_acc": rate([r["shape_ok"] for r in results]),
             "image_success": rate([all(r["success"] for r in rs) for rs in per_image]), "n_instances": len(results)}
+
+
+def check_images(scenes, images):
+    return checker_figures(check_scenes(scenes, images))
 

@@ -326,7 +326,7 @@ MICRO = ["--res=32", "--patch=8", "--dim=32", "--depth=2", "--heads=2", "--text_
 MICRO_JUDGE = ["--res=32", "--dim=32", "--depth=1", "--heads=2", "--text_depth=1", "--max_instances=4", "--val_scenes=1",
                "--batch_size=4", "--max_steps=2", "--warmup_steps=1", "--log_interval=1", "--eval_interval=0",
                "--ckpt_interval=0"]
-MICRO_RL = ["--val_scenes=1", "--layouts_per_update=2", "--group_size=2", "--sample_steps=2", "--sde_window_end=-1", "--reward_refresh=1",
+MICRO_RL = ["--val_scenes=1", "--layouts_per_update=2", "--group_size=2", "--sample_steps=2", "--sde_window_end=0", "--reward_refresh=1",
             "--ckpt_interval=1", "--max_steps=1", "--minibatches=1"]
 
 
@@ -359,9 +359,11 @@ def test_the_judge_and_pmtp_train_on_coco_and_pmtp_is_scored_by_the_judge(stages
     assert [r["step"] for r in judge if "loss" in r] == [1, 2] and set(judge[-1]["eval"]) >= {"acc50", "miou"}
     assert [r["step"] for r in pmtp if "loss" in r] == [1, 2] and np.isfinite([r["loss"] for r in pmtp if "loss" in r]).all()
     figures = pmtp[-1]["eval"]
-    assert set(figures) == {"isr", "miou", "n_instances", "judge_real", "grounding"}
+    assert set(figures) == {"isr", "isr_ci", "miou", "n_instances", "judge_real", "grounding", "per_scene"}
     assert 0 <= figures["isr"] <= 1 and 0 <= figures["judge_real"]["isr"] <= 1
-    assert set(figures["grounding"]) == {"acc50", "miou", "ap", "ap50"}
+    assert figures["isr_ci"][0] <= figures["isr"] <= figures["isr_ci"][1]
+    assert set(figures["grounding"]) == {"acc50", "acc50_ci", "miou", "ap", "ap50"}
+    assert set(figures["per_scene"]) == {"instances", "acc50"}  # no checker on real data: no "isr" counts
     # the checkpoints carry the trained tokenizer, the same file for the judge and the generator
     tokenizer = (stages / "pmtp" / "ckpt" / "tokenizer.json").read_text()
     assert tokenizer == (stages / "judge" / "ckpt" / "tokenizer.json").read_text()
