@@ -29,21 +29,27 @@ from matcher import assign_within_groups, phrase_groups
 # the layout reward
 
 
-@torch.no_grad()
-def matched_ious(pred_boxes, target_boxes, phrase_ids, instance_mask):
-    """IoU of each asked instance with the prediction matched to it: pred_boxes, target_boxes (B, N, 4)
-    xyxy, phrase_ids (B, N, Lp), instance_mask (B, N) -> (B, N), 0 on empty slots. Within a group of
-    slots that share a phrase (matcher.phrase_groups) the assignment maximizes the total IoU."""
-    # (B, N, N): pred slot x asked slot; empty slots hold zero boxes, whose 0 / 0 IoU is NaN
-    iou = box_iou(pred_boxes.float(), target_boxes.float())[0].nan_to_num(0.0)
-    groups = phrase_groups(phrase_ids, instance_mask).cpu().numpy()
-    iou_np = iou.cpu().numpy()
-    per_instance = np.zeros(groups.shape, np.float32)  # (B, N): each asked box's IoU with its prediction
+def answering_slots(iou, groups):
+    """Which prediction slot answers each asked instance: iou (B, N, N) pred x asked, groups (B, N) from
+    matcher.phrase_groups -> (B, N) long. A slot answers its own instance, except that slots sharing a
+    phrase are interchangeable (the grounder cannot know which "red circle" of the layout it found) and
+    are assigned one-to-one by maximum total IoU (Hungarian)."""
+    iou_np, groups = iou.cpu().numpy(), groups.cpu().numpy()
+    answer = np.tile(np.arange(groups.shape[1]), (groups.shape[0], 1))  # (B, N); empty slots keep their own
     for b in range(groups.shape[0]):
         slots = np.flatnonzero(groups[b] >= 0)
-        target = assign_within_groups(iou_np[b], groups[b], maximize=True)[slots]
-        per_instance[b, target] = iou_np[b][slots, target]
-    return torch.from_numpy(per_instance).to(pred_boxes.device)
+        answer[b, assign_within_groups(iou_np[b], groups[b], maximize=True)[slots]] = slots
+    return torch.from_numpy(answer).to(iou.device)
+
+
+@torch.no_grad()
+def matched_ious(pred_boxes, target_boxes, phrase_ids, instance_mask):
+    """IoU of each asked instance with the prediction matched to it (answering_slots): pred_boxes,
+    target_boxes (B, N, 4) xyxy, phrase_ids (B, N, Lp), instance_mask (B, N) -> (B, N), 0 on empty slots."""
+    # (B, N, N): pred slot x asked slot; empty slots hold zero boxes, whose 0 / 0 IoU is NaN
+    iou = box_iou(pred_boxes.float(), target_boxes.float())[0].nan_to_num(0.0)
+    answer = answering_slots(iou, phrase_groups(phrase_ids, instance_mask))  # (B, N)
+    return iou.gather(1, answer[:, None, :]).squeeze(1) * instance_mask  # iou[b, answer[b, j], j]
 
 
 @torch.no_grad()
