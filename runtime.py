@@ -269,6 +269,7 @@ class UpdateGuard:
 
     def __init__(self, log, limit=3):
         self.log, self.limit, self.in_a_row = log, limit, 0
+        self.grad_norm = 0.0  # the last step's gradient norm before clipping, for the log
 
     def step(self, model, optimizer, grad_clip, step, what="update"):
         """Clip (grad_clip > 0), then step the optimizer if the gradient norm is finite; zero the
@@ -276,6 +277,7 @@ class UpdateGuard:
         is, for the log. -> True when the weights were updated."""
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
         finite = bool(torch.isfinite(norm))
+        self.grad_norm = norm.item()
         if finite:
             optimizer.step()
             self.in_a_row = 0

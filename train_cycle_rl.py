@@ -8,29 +8,37 @@ Per update:
      min_objects..max_objects objects, a heldout_share of them of the held-out pairs no training image shows),
      or, on real data (--dataset=coco:..., by default the checkpoint's own), from its training annotations;
   2. group_size samples of each through the SDE (same_noise: the G samples share their initial
-     noise and differ by the SDE's noise alone), every stochastic step's transition and log-prob kept;
+     noise and differ by the SDE's noise alone), every stochastic step's transition and log-prob kept,
+     in forward passes of sample_batch rows;
   3. rewards (rewards.layout_reward): IoU + confidence from a frozen copy of the model's own head,
-     refreshed every reward_refresh updates (or, reward_ckpt, a fixed standalone detector); for
-     diagnosis, reward_kind = "checker" puts the rule-based checker's verdict in its place;
+     refreshed every reward_refresh updates (or, reward_ckpt, a fixed standalone detector); for the
+     sanity ladder and diagnosis (docs/cycle_rl.md), reward_kind = "checker" (the rule-based checker's
+     verdict: an oracle), "brightness" (analytic) or "noise" (pure noise) in its place;
   4. advantages: GRPO (algo = "grpo"), per group mean / std, groups whose rewards are all equal
-     skipped; PPO (algo = "ppo", I-DRUID), r - phi(x_t, t, layout) from a small MLP critic trained on
+     carry none; PPO (algo = "ppo", I-DRUID), r - phi(x_t, t, layout) from a small MLP critic trained on
      the rewards (rewards.ValueCritic);
   5. the clipped ratio objective over the trained steps (train_steps: "all", "early" = the first
      train_fraction of the stochastic steps, the high-noise ones, or "random" = a random
      train_fraction of them each update), plus kl_weight times the closed-form KL to the frozen
-     reference policy (the init checkpoint) per step, gradient clipping, minibatches optimizer steps
-     per update (the first sees a ratio of exactly 1, the later ones the clip); for a model with
-     IDM (the checkpoint's ModelConfig.idm), plus idm_weight times L_dis of those same velocity
-     passes (logged as "idm"), so that RL does not undo the disentangling;
+     reference policy per step and sample, averaged over every sample of the update, the gradient
+     accumulated over all of them (256 by default) before one optimizer step (minibatches > 1: that
+     many steps, the first with a ratio of exactly 1, the later ones clipped), gradient clipping, a
+     warmup, and no step at all when no group carries signal; for a model with IDM (the checkpoint's
+     ModelConfig.idm), plus idm_weight times L_dis of those same velocity passes (logged as "idm"),
+     so that RL does not undo the disentangling;
   6. ground_generated (on by default): generated images whose reward reaches ground_threshold
      train the grounding head with their own layouts as targets (the cycle's gift to grounding).
-Logs per update: mean reward, std of the reward within groups, KL, clip fraction, approx-KL, and on
-ShapeScenes the rule-based checker on the update's own samples (never part of the reward): their ISR
-(sample_isr), the share of groups whose rewards all tie (tie_groups, skipped by GRPO) and the
-correlation of reward and checker ISR, over all samples and within groups; every
+The policy, its reference and its EMA all start from the init checkpoint's init_weights (its EMA by
+default: the weights every evaluation of that checkpoint scored).
+Logs per update: mean reward, std of the reward within groups, KL, clip fraction, approx-KL, the
+gradient norm before clipping; the fixed probe (probe_scenes layouts and their noise, the same at every
+update, sampled by the current policy): its checker ISR and reward (probe_isr, probe_reward, also
+before the first update, at step 0); on ShapeScenes the rule-based checker on the update's own samples
+(never part of the reward, but for the oracle): their ISR (sample_isr), the share of groups whose rewards all tie
+(tie_groups) and the correlation of reward and checker ISR, over all samples and within groups; every
 eval_interval updates the rule-based checker's ISR / mIoU of the EMA model on the fixed validation
 set (so reward hacking shows as a rising reward with a flat checker), its grounding, a sample grid,
-and out_dir/reward.png: the reward against updates above the checker's ISR (curve.plot_cycle_rl).
+and out_dir/reward.png: the reward and the probe against updates above the checker's ISR (curve.plot_cycle_rl).
 
     python train_cycle_rl.py                                          # from out/pretrain/ckpt, CPU is fine
     python train_cycle_rl.py --algo=ppo --out_dir=out/cycle_rl_ppo
@@ -90,31 +98,46 @@ max_objects = 4
 heldout_share = 0.0  # ShapeScenes: the share of layouts made of the held-out (color, shape) pairs, which no training
 # image shows; Cycle RL needs no images, so it may train on them (the fixed heldout set's scenes are other seeds)
 # sampling the policy
-layouts_per_update = 4  # per rank
+layouts_per_update = 32  # per rank: 32 x 8 = 256 trajectories per optimizer step (the public flow-GRPO recipes use
+# 64 to 576): the policy gradient is mostly noise, and Adam moves every weight by about lr whatever its signal
 group_size = 8  # G samples per layout
-same_noise = False  # True: the G samples of a layout share their initial noise
+sample_batch = 32  # rows per forward pass, for sampling and scoring alike; the gradients accumulate over them
+same_noise = True  # the G samples of a layout share their initial noise and differ by the SDE's noise alone,
+# so that the advantages credit what the trained steps chose, not the draw of the initial noise
 sample_steps = 10
 cfg_scale = 3.0
 shift = 1.0
 sde_noise_level = 0.7  # the SDE's noise level a: sigma_t = a sqrt(t / (1 - t))
 sde_window_start = 0  # the stochastic steps are [start, end) of the schedule; the rest are ODE steps
-sde_window_end = 3  # -1 = sample_steps; the first 3 of 10: the high-noise steps, where the layout is decided (Flow-GRPO-Fast)
-train_steps = "all"  # "all", "early" (the first train_fraction of the stochastic steps) or "random"
-train_fraction = 0.5
+sde_window_end = -1  # <= 0 counts from the end: 0 = every step, -1 = all but the last (Flow-GRPO trains 9 of 10). The
+# last step's std is 9 times smaller than the first's, and the policy gradient scales as 1 / std (the KL as 1 / std^2):
+# updates that drew it had gradient norms 5 to 30 times larger, swamping the steps where the layout is decided
+# (docs/cycle_rl.md, the ladder); it is an Euler step, changed only through the weights it shares
+train_steps = "random"  # "all", "early" (the first train_fraction of the stochastic steps) or "random" (a random
+# train_fraction of them each update: every step is trained, and held to the reference, in expectation)
+train_fraction = 0.3
 # the objective
-algo = "grpo"  # "grpo" or "ppo"
+algo = "grpo"  # "grpo", "ppo", or "self_train": verified self-training, the low-variance alternative to the
+# policy gradient (rejection-sampling fine-tuning): each group's best sample, if its reward reaches
+# self_train_threshold, trains the flow loss with its own layout as the condition
+self_train_threshold = 1.5
 clip_range = 1e-3  # on the ratio of per-dimension-mean log-probs (sampler.sde_step_with_logprob)
 adv_clip = 5.0
 adv_eps = 1e-4
-kl_weight = 1.0  # 0.01 let the policy drift: val ISR 0.95 -> 0.69 in 40 updates (docs/cycle_rl.md, the KL sweep)
+kl_weight = 0.1  # the closed-form KL to the reference per trained step, on every sample (tied groups too)
 idm_weight = 0.01  # L_dis on the policy's velocity passes, for a model with IDM (ignored without); untuned
-minibatches = 2  # optimizer steps per update, each over a share of the samples and all trained steps
+minibatches = 1  # optimizer steps per update, each over a share of the samples and all trained steps
 # reward
-reward_kind = "grounding"  # "grounding" (the layout reward); "checker" (ShapeScenes: the checker's verdict itself, an
-# oracle that agrees with the verdict by construction: what RL could do with a reward that sees what the checker sees,
-# for diagnosis, never the method); "brightness" (analytic, inside the boxes: tests the loop)
+reward_kind = "grounding"  # "grounding" (the layout reward); for the sanity ladder (docs/cycle_rl.md) and diagnosis,
+# never the method: "checker" (ShapeScenes: the rule-based checker's verdict itself, an oracle that agrees with
+# the verdict by construction), "brightness" (analytic, inside the boxes: must rise), "noise" (uniform, drawn
+# from (seed, update): must not move the model)
 reward_ckpt = ""  # "" = the model's own head (a frozen copy); else a grounder checkpoint (StandaloneDetector)
 reward_refresh = 5  # updates between refreshes of the frozen own-head copy
+# the fixed probe: probe_scenes layouts of the training layouts' distribution and their initial noise, drawn once,
+# sampled by the policy's current weights (Euler, sample_steps) after every update and scored by the checker and
+# the reward, so that an update's effect is not hidden by the layouts it drew; 0 = none
+probe_scenes = 32
 # the cycle's gift to grounding
 ground_generated = True
 ground_threshold = 1.5  # the reward from which an image trains the head (IoU + confidence is in [0, 2]; the
@@ -124,18 +147,20 @@ ground_negatives = -1  # hard negative phrases per such image (shapescenes.add_h
 # the PPO critic
 critic_lr = 1e-3
 critic_hidden = 128
-# optimizer
-lr = 1e-4
+# optimizer: a full fine-tune, so a warmup (Adam's first steps are lr x sign(g) on every weight)
+init_weights = "ema"  # the init checkpoint's weights that the policy, its reference and its EMA start from: "ema" (the
+# weights every evaluation of that checkpoint scored) or "model"
+lr = 1e-4  # at 1e-5 the oracle's probe did not move in 3 updates, at 1e-3 every reward's drifted (docs/cycle_rl.md)
 min_lr = 1e-4
 weight_decay = 0.0
 beta1 = 0.9
 beta2 = 0.99
 grad_clip = 1.0
 schedule = "constant"
-warmup_steps = 0
-max_steps = 200  # updates
-lr_decay_steps = 200
-ema_decay = 0.99
+warmup_steps = 3
+max_steps = 40  # updates
+lr_decay_steps = 40
+ema_decay = 0.9
 # system
 device = "auto"
 compile = False
@@ -148,10 +173,12 @@ config = {k: globals()[k] for k in config_keys}
 
 dist_ctx = runtime.Dist(device)
 dev = dist_ctx.device
-if reward_kind not in ("grounding", "checker", "brightness"):
-    runtime.fail(f"reward_kind must be 'grounding', 'checker' or 'brightness', got {reward_kind!r}")
-if algo not in ("grpo", "ppo"):
-    runtime.fail(f"algo must be 'grpo' or 'ppo', got {algo!r}")
+if reward_kind not in ("grounding", "checker", "brightness", "noise"):
+    runtime.fail(f"reward_kind must be 'grounding', 'checker', 'brightness' or 'noise', got {reward_kind!r}")
+if init_weights not in ("ema", "model"):
+    runtime.fail(f"init_weights must be 'ema' or 'model', got {init_weights!r}")
+if algo not in ("grpo", "ppo", "self_train"):
+    runtime.fail(f"algo must be 'grpo', 'ppo' or 'self_train', got {algo!r}")
 if train_steps not in ("all", "early", "random"):
     runtime.fail(f"train_steps must be 'all', 'early' or 'random', got {train_steps!r}")
 if sde_noise_level <= 0:
@@ -161,10 +188,14 @@ if ckpt_interval and ckpt_interval % reward_refresh:
 if algo == "grpo" and group_size < 2:
     runtime.fail(f"GRPO needs group_size >= 2, got {group_size}")
 samples_per_rank = layouts_per_update * group_size
-if samples_per_rank % minibatches:
+if minibatches < 1 or samples_per_rank % minibatches:
     runtime.fail(f"layouts_per_update * group_size = {samples_per_rank} must be a multiple of minibatches {minibatches}")
+# the rows of one forward pass: sampling and scoring cut the samples alike, so that a first minibatch's ratio is exactly 1
+chunk_rows = min(sample_batch, samples_per_rank // minibatches)
+if sample_batch < 1 or (samples_per_rank // minibatches) % chunk_rows:
+    runtime.fail(f"sample_batch {sample_batch} must divide a minibatch's {samples_per_rank // minibatches} samples")
 try:
-    sde_window = (sde_window_start, sample_steps if sde_window_end == -1 else sde_window_end)
+    sde_window = (sde_window_start, sample_steps + sde_window_end if sde_window_end <= 0 else sde_window_end)
     stochastic = sampler.stochastic_steps(sample_steps, sde_window)
 except ValueError as e:
     runtime.fail(str(e))
@@ -178,9 +209,14 @@ if saved["kind"] != "EchoGen" or not saved["model"].get("grounding"):
     runtime.fail(f"checkpoint '{source}': Cycle RL needs an EchoGen model with a grounding head (a PMTP checkpoint)")
 reference_path = saved["train"].get("rl_reference", source) if init_from == "resume" else source
 config["rl_reference"] = reference_path  # saved with every checkpoint, so a resume finds its reference
+# which weights of it (a run saved before init_weights existed used the raw ones)
+reference_weights = saved["train"].get("init_weights", "model") if init_from == "resume" else init_weights
+config["init_weights"] = reference_weights
 if ground_negatives == -1:
     config["ground_negatives"] = ground_negatives = saved["train"].get("ground_negatives", 0)
-model, tokenizer, _ = runtime.load_model(source, EchoGen, "model", dev)
+# the policy starts from the weights its reference holds, and the EMA from the policy, so that the figures of
+# update 0 are those of the policy that trains
+model, tokenizer, _ = runtime.load_model(source, EchoGen, "model" if init_from == "resume" else init_weights, dev)
 model_config = model.config
 res, max_instances = model_config.res, model_config.max_instances
 idm_term = idm_weight if model_config.idm else None  # the weight of L_dis, None for a model without IDM
@@ -188,9 +224,10 @@ if not 1 <= min_objects <= max_objects <= min(max_instances, shapescenes.MAX_OBJ
     runtime.fail(f"need 1 <= min_objects <= max_objects <= {min(max_instances, shapescenes.MAX_OBJECTS)} "
                  f"(the model's max_instances), got {min_objects}, {max_objects}")
 ema = copy.deepcopy(model).requires_grad_(False)
-ema.load_state_dict(runtime.load_weights(source, "ema", EchoGen))
+if init_from == "resume":
+    ema.load_state_dict(runtime.load_weights(source, "ema", EchoGen))
 reference = copy.deepcopy(model).requires_grad_(False)
-reference.load_state_dict(runtime.load_weights(reference_path, "model", EchoGen))
+reference.load_state_dict(runtime.load_weights(reference_path, reference_weights, EchoGen))
 optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(beta1, beta2), weight_decay=weight_decay,
                               fused=dev.type == "cuda")
 step = runtime.load_train_state(source, model, ema, optimizer) if init_from == "resume" else 0
@@ -253,17 +290,32 @@ def layout_split(rng):
     return "heldout" if heldout_share and rng.random() < heldout_share else "train"
 
 
+def scenes_from(rngs):
+    """One layout per generator: the world's scene sampler, or on real data one of its annotated layouts."""
+    if layout_pool is None:
+        return [shapescenes.sample_scene(rng, (min_objects, max_objects), layout_split(rng)) for rng in rngs]
+    return [layout_pool[int(rng.integers(len(layout_pool)))] for rng in rngs]
+
+
 def draw_layouts(update):
     """This rank's layouts of an update, each repeated group_size times (groups contiguous): the
-    scenes and their collated conditions on the device. Real data: layouts drawn from its annotations."""
+    scenes and their collated conditions on the device."""
     first = dist_ctx.rank * layouts_per_update
-    rngs = [np.random.default_rng([layout_seed, update, first + i]) for i in range(layouts_per_update)]
-    if layout_pool is None:
-        scenes = [shapescenes.sample_scene(rng, (min_objects, max_objects), layout_split(rng)) for rng in rngs]
-    else:
-        scenes = [layout_pool[int(rng.integers(len(layout_pool)))] for rng in rngs]
+    scenes = scenes_from([np.random.default_rng([layout_seed, update, first + i]) for i in range(layouts_per_update)])
     batch = layouts.collate(scenes, None, tokenizer, max_instances)
     return scenes, {k: v.repeat_interleave(group_size, dim=0).to(dev) for k, v in batch.items()}
+
+
+PROBE_KEY = 0x70726F62  # the probe's layouts: a seed word no update index reaches
+
+
+def make_probe():
+    """The fixed probe: probe_scenes layouts of the training layouts' distribution, their collated
+    conditions and their initial noise, the same at every update and on resume."""
+    scenes = scenes_from([np.random.default_rng([layout_seed, PROBE_KEY, i]) for i in range(probe_scenes)])
+    batch = {k: v.to(dev) for k, v in layouts.collate(scenes, None, tokenizer, max_instances).items()}
+    noise = sampler.initial_noise(probe_scenes, (model_config.channels, res, res), seed + PROBE_KEY).to(dev)
+    return scenes, batch, noise
 
 
 def draw_noise(update):
@@ -276,6 +328,11 @@ def draw_noise(update):
     else:
         noise = torch.randn((n_global * group_size, *shape), generator=g, device=dev)
     return noise[dist_ctx.rank * samples_per_rank:(dist_ctx.rank + 1) * samples_per_rank]
+
+
+def chunks(rows):
+    """The forward passes' slices of a range of rows, chunk_rows each."""
+    return [slice(start, start + chunk_rows) for start in range(rows.start, rows.stop, chunk_rows)]
 
 
 def gather(values):
@@ -316,28 +373,36 @@ def train_critic(trajectory, batch, reward, steps, update):
 
 
 def policy_update(trajectory, batch, advantages, weight, steps, update):
-    """The clipped objective + KL over the trained steps, in `minibatches` optimizer steps.
-    advantages (S, B) per trained step, weight (B,) 1 for rows that train, 0 for skipped ones.
-    -> the log's statistics, averaged, with "updated": how many minibatch steps changed the weights."""
+    """The clipped objective + KL over the trained steps, in `minibatches` optimizer steps, each
+    accumulating its gradient over forward passes of chunk_rows samples. advantages (S, B) per trained
+    step, weight (B,) 1 for rows whose group carries signal, 0 for tied ones (their KL still counts).
+    An update without a single such row on any rank takes no step at all: Adam's momentum would otherwise
+    move every weight along the last gradient with nothing to hold it.
+    -> the log's statistics, averaged, with "updated": how many minibatch steps changed the weights and
+    "grad_norm": the last one's gradient norm before clipping."""
     # ratio_error: max |ratio - 1| of the first minibatch, scored before any optimizer step: the policy
     # must score its own samples exactly as it sampled them, so anything but 0 is a bug
-    stats = {"kl": 0.0, "clip_frac": 0.0, "approx_kl": 0.0, "policy_loss": 0.0, "ratio_error": 0.0, "updated": 0}
+    stats = {"kl": 0.0, "clip_frac": 0.0, "approx_kl": 0.0, "policy_loss": 0.0, "ratio_error": 0.0, "updated": 0,
+             "grad_norm": 0.0}
     if idm_term is not None:
         stats["idm"] = 0.0
+    if dist_ctx.all_reduce_mean(weight.sum().item()) == 0:
+        return stats
     per_minibatch = samples_per_rank // minibatches
-    n_terms = minibatches * len(steps)
+    # the mean over every row of the minibatch and every trained step, tied rows included, so that a minibatch
+    # with one informative group steps less far than one with many (DDP averages it over the ranks)
+    per_step_rows = per_minibatch * len(steps)
+    n_passes = minibatches * (per_minibatch // chunk_rows) * len(steps)
     for m in range(minibatches):
-        rows = slice(m * per_minibatch, (m + 1) * per_minibatch)
-        sub = {k: v[rows] for k, v in batch.items()}
-        w = weight[rows]
-        # the rows that train, counted over every rank's minibatch (DETR's num_boxes): DDP's average
-        # of the ranks' gradients is then the gradient of one rank holding them all
-        denominator = max(dist_ctx.all_reduce_mean(w.sum().item()), 1e-6)  # no row trains: 0 / 1e-6 = 0
-        for i, s in enumerate(steps):
+        passes = [(rows, i) for rows in chunks(range(m * per_minibatch, (m + 1) * per_minibatch))
+                  for i in range(len(steps))]
+        for k, (rows, i) in enumerate(passes):
+            s = steps[i]
+            sub = {key: value[rows] for key, value in batch.items()}
             t, t_next = float(trajectory["t"][s]), float(trajectory["t_next"][s])
             x_t, x_next = trajectory["x_t"][s][rows], trajectory["x_next"][s][rows]
-            if dist_ctx.ddp:  # gradients are all-reduced with the last step's backward (nanoGPT)
-                train_model.require_backward_grad_sync = i == len(steps) - 1
+            if dist_ctx.ddp:  # gradients are all-reduced with the minibatch's last backward (nanoGPT)
+                train_model.require_backward_grad_sync = k == len(passes) - 1
             out = sampler.policy_step(train_model, sub, x_t, t, t_next, cfg_scale, sde_noise_level, prev_sample=x_next)
             with torch.no_grad():
                 ref = sampler.policy_step(reference, sub, x_t, t, t_next, cfg_scale, sde_noise_level, prev_sample=x_next)
@@ -348,25 +413,60 @@ def policy_update(trajectory, batch, advantages, weight, steps, update):
             if m == 0:
                 ratio_error = (out.log_prob.detach() - old_log_prob).exp().sub(1).abs().max().item()
                 stats["ratio_error"] = max(stats["ratio_error"], ratio_error)
-            loss = ((policy_loss + kl_weight * kl) * w).sum() / denominator / len(steps)
-            if idm_term is not None:  # over all rows, skipped groups too: L_dis needs no reward
-                loss = loss + idm_term * out.idm_loss / len(steps)
-                stats["idm"] += out.idm_loss.item() / n_terms
+            loss = (policy_loss * weight[rows] + kl_weight * kl).sum() / per_step_rows
+            if idm_term is not None:
+                loss = loss + idm_term * out.idm_loss / len(passes)
+                stats["idm"] += out.idm_loss.item() / n_passes
             loss.backward()
-            stats["kl"] += (kl * w).sum().item() / denominator / n_terms
-            stats["policy_loss"] += (policy_loss * w).sum().item() / denominator / n_terms
-            stats["clip_frac"] += step_stats["clip_frac"] / n_terms
-            stats["approx_kl"] += step_stats["approx_kl"] / n_terms
+            stats["kl"] += kl.mean().item() / n_passes
+            stats["policy_loss"] += (policy_loss * weight[rows]).mean().item() / n_passes
+            stats["clip_frac"] += step_stats["clip_frac"] / n_passes
+            stats["approx_kl"] += step_stats["approx_kl"] / n_passes
         stats["updated"] += guard.step(model, optimizer, grad_clip, update, f"policy minibatch {m}")
+        stats["grad_norm"] = guard.grad_norm
+    return stats
+
+
+def self_train_update(images, batch, reward, update):
+    """Verified self-training: each group's best sample whose reward reaches self_train_threshold is a new
+    training pair (the generated image, its asked layout) for the flow loss, PMTP's generation term with
+    its condition dropout. No step when no rank keeps one. -> the log's statistics."""
+    grouped = reward.view(-1, group_size)  # (layouts, G)
+    best = grouped.argmax(1) + torch.arange(len(grouped), device=dev) * group_size  # (layouts,) rows of the batch
+    keep = (reward[best] >= self_train_threshold).float()
+    kept = dist_ctx.all_reduce_mean(keep.sum().item()) * dist_ctx.world
+    stats = {"updated": 0, "grad_norm": 0.0, "ratio_error": 0.0, "kl": 0.0, "self_train_kept": kept,
+             "self_train_loss": 0.0}
+    if kept == 0:
+        return stats
+    # t, dropout and noise of the global batch's pairs, from (seed, update); this rank's slice (resume, DDP)
+    n, first = len(best), dist_ctx.rank * len(best)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + update)
+    t = objectives.sample_timesteps(n * dist_ctx.world, g)[first:first + n].to(dev)
+    drop = (torch.rand(n * dist_ctx.world, generator=g) < 0.1)[first:first + n].to(dev)  # PMTP's cond_drop (CFG)
+    noise = torch.randn((n * dist_ctx.world, *images.shape[1:]), generator=runtime.step_generator(seed + 31, update, dev),
+                        device=dev)[first:first + n]
+    pairs = {**{k: v[best] for k, v in batch.items()}, "images": images[best].detach().clamp(-1, 1)}
+    x_t, caption_ids, instance_mask = objectives.pmtp_inputs(pairs, torch.zeros(n, dtype=torch.long, device=dev), t,
+                                                             noise, drop)
+    with runtime.autocast(dev):
+        v = train_model(x_t, t, caption_ids, pairs["phrase_ids"], pairs["boxes"], instance_mask).v
+    loss = objectives.flow_loss(v, pairs["images"], noise, row_weight=keep)
+    loss.backward()
+    stats["updated"] = int(guard.step(model, optimizer, grad_clip, update, "self-training"))
+    stats.update(grad_norm=guard.grad_norm, self_train_loss=loss.item())
     return stats
 
 
 def ground_generated_images(images, batch, reward, update):
     """Generated images whose reward reaches ground_threshold train the grounding head, their layouts
     as targets (clean images, t = 0), with ground_negatives hard negative phrases each, as in PMTP.
-    Every rank runs it (DDP), a rank without such images with no targets. -> (the loss, the number
-    of images used)."""
+    Every rank runs it (DDP), a rank without such images with no targets; when no rank has one, no
+    step is taken. -> (the loss, the number of images used)."""
     use = reward >= ground_threshold
+    n_used = int(use.sum())
+    if dist_ctx.all_reduce_mean(n_used) == 0:
+        return 0.0, 0
     if ground_negatives:  # seeded by the update and each image's place in the global batch (resume, DDP)
         first = dist_ctx.rank * samples_per_rank
         batch = shapescenes.add_hard_negatives(batch, tokenizer, ground_negatives,
@@ -380,17 +480,52 @@ def ground_generated_images(images, batch, reward, update):
                      batch.get("negative"))["loss"]
     (ground_weight * loss).backward()
     guard.step(model, optimizer, grad_clip, update, "grounding of the generated images")
-    return loss.item(), int(use.sum())
+    return loss.item(), n_used
 
 
-def checker_per_image(images, scenes):
-    """The rule-based checker on this rank's generated images (B,): each image's share of passed
-    instances. Logged beside the reward to show whether the reward agrees with the checker; it never
-    enters the reward."""
+def checker_per_image(images, scenes, repeats):
+    """The rule-based checker on generated images (B,): each image's share of passed instances; image j
+    was asked for scenes[j // repeats]. Logged beside the reward to show whether the reward agrees with
+    the checker; it enters the reward only as the oracle (reward_kind "checker")."""
     pictures = sampler.to_uint8(images)
     return torch.tensor([float(np.mean([shapescenes.check_instance(picture, inst)["success"]
-                                        for inst in scenes[j // group_size]["instances"]]))
+                                        for inst in scenes[j // repeats]["instances"]]))
                          for j, picture in enumerate(pictures)], device=dev)
+
+
+def score(images, batch, checker, update):
+    """The reward_kind's reward of generated images -> {"reward", "iou", "confidence"}, each (B,).
+    checker: the images' checker_per_image (ShapeScenes) or None. The noise reward is drawn from (seed,
+    update) for the global batch, so that N ranks draw what one rank draws."""
+    if reward_kind == "grounding":
+        with runtime.autocast(dev):
+            return rewards.layout_reward(grounder, images, batch)
+    if reward_kind == "brightness":
+        reward = rewards.brightness_reward(images, batch["boxes"], batch["instance_mask"])
+    elif reward_kind == "checker":
+        reward = checker
+    else:
+        g = runtime.step_generator(seed + 104729, update, dev)
+        first = dist_ctx.rank * samples_per_rank
+        reward = torch.rand(dist_ctx.world * samples_per_rank, generator=g, device=dev)[first:first + len(images)]
+    return {"reward": reward, "iou": torch.zeros_like(reward), "confidence": torch.zeros_like(reward)}
+
+
+@torch.no_grad()
+def probe(update):
+    """The policy's current weights on the fixed probe (Euler sampler, the probe's own noise): the
+    checker's ISR (ShapeScenes) and the mean reward of its images, which needs no draw (the noise
+    reward has none). -> a dict for the log."""
+    scenes, batch, noise = probe_set
+    images = torch.cat([sampler.sample(model, {k: v[rows] for k, v in batch.items()}, noise[rows], sample_steps,
+                                       cfg_scale, shift) for rows in chunks(range(probe_scenes))])
+    record = {}
+    if layout_pool is None:
+        record["probe_isr"] = shapescenes.check_images(scenes, sampler.to_uint8(images))["isr"]
+    if reward_kind != "noise" and (reward_kind != "checker" or layout_pool is None):
+        checker = checker_per_image(images, scenes, 1) if reward_kind == "checker" else None
+        record["probe_reward"] = score(images, batch, checker, update)["reward"].float().mean().item()
+    return record
 
 
 def rl_update(update):
@@ -400,29 +535,23 @@ def rl_update(update):
     # global batch, so that N ranks draw what one rank draws
     first = dist_ctx.rank * samples_per_rank
     sde_generators = [runtime.step_generator(seed + 7919 * (first + j + 1), update, dev) for j in range(samples_per_rank)]
-    # sampled in the minibatches that policy_update will score, so that the first one's ratio is
+    # sampled in the forward passes that policy_update will score, so that the first minibatch's ratio is
     # exactly 1 (a matmul over another batch size may round differently)
-    noise, per_minibatch = draw_noise(update), samples_per_rank // minibatches
-    rows = [slice(m * per_minibatch, (m + 1) * per_minibatch) for m in range(minibatches)]
+    noise = draw_noise(update)
     parts = [sampler.sample_sde(model, {k: v[r] for k, v in batch.items()}, noise[r], sample_steps, cfg_scale, shift,
-                                sde_noise_level, sde_generators[r], sde_window) for r in rows]
+                                sde_noise_level, sde_generators[r], sde_window) for r in chunks(range(samples_per_rank))]
     trajectory = {"x0": torch.cat([p["x0"] for p in parts]),  # (B, C, R, R); the steps' records are (S, B, ...)
                   **{k: torch.cat([p[k] for p in parts], dim=1) for k in ("x_t", "x_next", "log_prob")},
                   **{k: parts[0][k] for k in ("t", "t_next", "step")}}
     # ShapeScenes: the checker judges the policy's own samples (logged beside the reward, or the oracle reward)
-    checker = checker_per_image(trajectory["x0"], scenes) if layout_pool is None else None
-    if reward_kind == "brightness":
-        brightness = rewards.brightness_reward(trajectory["x0"], batch["boxes"], batch["instance_mask"])
-        scored = {"reward": brightness, "iou": torch.zeros_like(brightness), "confidence": torch.zeros_like(brightness)}
-    elif reward_kind == "checker":
-        scored = {"reward": checker, "iou": torch.zeros_like(checker), "confidence": torch.zeros_like(checker)}
-    else:
-        with runtime.autocast(dev):
-            scored = rewards.layout_reward(grounder, trajectory["x0"], batch)
+    checker = checker_per_image(trajectory["x0"], scenes, group_size) if layout_pool is None else None
+    scored = score(trajectory["x0"], batch, checker, update)
     reward = scored["reward"].float()
     steps = trained_steps(update, len(trajectory["step"]))
     record = {}
-    if algo == "grpo":
+    if algo == "self_train":
+        record.update(self_train_update(trajectory["x0"], batch, reward, update))
+    elif algo == "grpo":
         advantages = rewards.group_advantages(reward, group_size, adv_eps, adv_clip)
         # a group whose samples all scored the same carries no signal: it is skipped
         weight = (reward.view(-1, group_size).std(1) > 0).float().repeat_interleave(group_size)
@@ -433,7 +562,8 @@ def rl_update(update):
         everyone = gather(advantages.flatten())  # normalized over the gathered batch, as one rank would
         advantages = ((advantages - everyone.mean()) / (everyone.std(unbiased=False) + adv_eps)).clamp(-adv_clip, adv_clip)
         weight = torch.ones_like(reward)
-    record.update(policy_update(trajectory, batch, advantages, weight, steps, update))
+    if algo != "self_train":
+        record.update(policy_update(trajectory, batch, advantages, weight, steps, update))
     if ground_generated:
         record["ground_loss"], n_used = ground_generated_images(trajectory["x0"], batch, reward, update)
         record["ground_images"] = dist_ctx.all_reduce_mean(n_used) * dist_ctx.world
@@ -444,15 +574,16 @@ def rl_update(update):
                   reward_conf=dist_ctx.all_reduce_mean(scored["confidence"].mean().item()))
     if checker is not None:
         record.update(rewards.agreement(all_rewards, gather(checker), group_size))
-    for key in ("kl", "clip_frac", "approx_kl", "policy_loss", "critic_loss", "ground_loss", "idm"):
+    for key in ("kl", "clip_frac", "approx_kl", "policy_loss", "critic_loss", "ground_loss", "idm", "self_train_loss"):
         if key in record:
             record[key] = dist_ctx.all_reduce_mean(record[key])
+    record["grad_norm"] = dist_ctx.all_reduce_max(record["grad_norm"])  # all-reduced gradients: the same on every rank
     record["ratio_error"] = dist_ctx.all_reduce_max(record["ratio_error"])
     return record, trajectory["x0"], scenes
 
 
 REWARD_LABELS = {"grounding": "reward (IoU + confidence)", "checker": "reward (the checker's ISR: oracle)",
-                 "brightness": "reward (brightness inside the boxes)"}
+                 "brightness": "reward (brightness inside the boxes)", "noise": "reward (uniform noise)"}
 
 
 def validate(update):
@@ -474,8 +605,12 @@ def save(update):
     runtime.save_checkpoint(ckpt_path, model, ema, optimizer, tokenizer, config, update, extra)
 
 
-if dist_ctx.master and step == 0 and val_scenes:
-    validate(0)  # the starting point, for the before / after comparison
+probe_set = make_probe() if probe_scenes else None
+if dist_ctx.master and step == 0:  # the starting point, for the before / after comparison
+    if probe_scenes:
+        log.write({"step": 0, **probe(0)})
+    if val_scenes:
+        validate(0)
 progress = tqdm(total=max_steps, initial=step, disable=not dist_ctx.master, desc=f"cycle-rl {algo}")
 window_start = time.perf_counter()
 while step < max_steps:
@@ -485,8 +620,10 @@ while step < max_steps:
     for group in optimizer.param_groups:
         group["lr"] = step_lr
     record, images, scenes = rl_update(step)
-    if record["updated"]:  # all of its policy steps skipped (runtime.UpdateGuard): the weights, EMA too, stay
+    if record["updated"]:  # no policy step taken (no signal, or runtime.UpdateGuard): the weights, EMA too, stay
         runtime.update_ema(ema, model, ema_decay, step)
+    if dist_ctx.master and probe_scenes:
+        record.update(probe(step))
     step += 1
     progress.update(1)
     progress.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{record['kl']:.2e}")
@@ -497,7 +634,7 @@ while step < max_steps:
         validate(step)
         # the policy's own samples of this update, one row per group, the asked boxes drawn over them
         rows = [[layouts.draw_boxes(image, scene) for image in sampler.to_uint8(images[i * group_size:(i + 1) * group_size])]
-                for i, scene in enumerate(scenes)]
+                for i, scene in enumerate(scenes[:8])]
         layouts.save_grid(os.path.join(out_dir, "samples", f"update{step:06d}_groups.png"), rows)
     if dist_ctx.master and ((ckpt_interval and step % ckpt_interval == 0) or step == max_steps):
         save(step)

@@ -283,7 +283,7 @@ MICRO_PRETRAIN = ["--res=32", "--patch=8", "--dim=32", "--depth=2", "--heads=2",
                   "--cache_scenes=64", "--val_scenes=0", "--warmup_steps=1", "--ckpt_interval=0", "--max_steps=2",
                   "--batch_size=4"]
 MICRO_RL = ["--val_scenes=0", "--layouts_per_update=2", "--group_size=4", "--sample_steps=4", "--reward_refresh=2",
-            "--ckpt_interval=2"]
+            "--ckpt_interval=2", "--probe_scenes=4"]
 
 
 def run(args, nproc=1):
@@ -307,6 +307,11 @@ def read_log(out):
         return [{k: v for k, v in r.items() if k != "seconds"} for r in map(json.loads, f)]
 
 
+def update_records(log):
+    """The log's records of updates (the probe before the first update has its own record at step 0)."""
+    return [r for r in log if "reward" in r]
+
+
 def cycle_rl(ckpt, out, *extra, nproc=1):
     run(["train_cycle_rl.py", f"--init_from={ckpt}", f"--out_dir={out}", *MICRO_RL, *extra], nproc)
     return read_log(out)
@@ -326,19 +331,59 @@ def cycle_rl_side_by_side(ckpt, runs):
 
 
 def test_grpo_updates_raise_an_analytic_reward(pmtp_ckpt, tmp_path):
-    """Mean brightness inside the boxes: the same layouts and noise with lr = 0 are the control. 64 samples
-    per update: with 16 the gradient estimate was too noisy for the reward to rise reliably in 15 updates."""
+    """The sanity ladder's first rung (docs/cycle_rl.md): mean brightness inside the boxes must rise, on
+    the update's own samples and on the fixed probe; the same layouts and noise with lr = 0 are the
+    control, whose probe must not move at all. 64 samples per update: with 16 the gradient estimate was
+    too noisy for the reward to rise reliably in 15 updates."""
     common = ["--reward_kind=brightness", "--ground_generated=False", "--layouts_per_update=8", "--group_size=8",
-              "--minibatches=1", "--kl_weight=0", "--sde_window_end=-1", "--max_steps=15", "--ckpt_interval=0"]
+              "--kl_weight=0", "--max_steps=15", "--ckpt_interval=0", "--warmup_steps=0", "--train_steps=all",
+              "--sde_window_end=0"]
     lrs = (0.0, 3e-3)
     logs = cycle_rl_side_by_side(pmtp_ckpt, {tmp_path / f"lr{lr}": [*common, f"--lr={lr}", f"--min_lr={lr}"] for lr in lrs})
-    curves = {lr: np.array([r["reward"] for r in logs[tmp_path / f"lr{lr}"]]) for lr in lrs}
+    updates = {lr: update_records(logs[tmp_path / f"lr{lr}"]) for lr in lrs}
+    curves = {lr: np.array([r["reward"] for r in updates[lr]]) for lr in lrs}
+    probes = {lr: np.array([r["probe_reward"] for r in logs[tmp_path / f"lr{lr}"]]) for lr in lrs}
     # one minibatch per update: the policy is scored exactly as it sampled, so the ratio is 1
-    assert all(r["approx_kl"] == 0.0 and r["clip_frac"] == 0.0 for log in logs.values() for r in log)
-    assert len(curves[0.0]) == 15
+    assert all(r["approx_kl"] == 0.0 and r["clip_frac"] == 0.0 for log in updates.values() for r in log)
+    assert len(curves[0.0]) == 15 and len(probes[0.0]) == 16  # the probe before the first update too
     np.testing.assert_allclose(curves[0.0][0], curves[3e-3][0], rtol=1e-6)  # the same start
+    assert np.all(probes[0.0] == probes[0.0][0]) and probes[3e-3][0] == probes[0.0][0]
     gain = curves[3e-3][-5:].mean() - curves[0.0][-5:].mean()
     assert gain > 0.03, (curves, gain)
+    assert probes[3e-3][-1] > probes[0.0][-1] + 0.03, probes
+
+
+def test_accumulated_forward_passes_make_the_update_of_one_pass(pmtp_ckpt, tmp_path):
+    """256 samples an optimizer step need the gradient accumulated over forward passes: 4 passes of 4
+    samples must step as 1 pass of 16 (the mean over every sample, tied groups included)."""
+    extra = ["--max_steps=1", "--ckpt_interval=0", "--ground_generated=False", "--lr=1e-3", "--warmup_steps=0",
+             "--sde_window_end=0"]
+    logs = cycle_rl_side_by_side(pmtp_ckpt, {tmp_path / f"batch{b}": [*extra, f"--sample_batch={b}"] for b in (4, 8)})
+    one, four = (logs[tmp_path / f"batch{b}"][-1] for b in (8, 4))
+    assert one["updated"] == four["updated"] == 1 and one["ratio_error"] == four["ratio_error"] == 0.0
+    # the gradient's scale, which Adam's step would hide, and then its direction: Adam moves a weight by ~lr = 1e-3,
+    # weights whose exact gradient is ~0 by normalized float noise (as in the DDP test below)
+    np.testing.assert_allclose(four["grad_norm"], one["grad_norm"], rtol=1e-4)
+    a, b = (load_file(str(tmp_path / f"batch{b}" / "ckpt" / "model.safetensors")) for b in (4, 8))
+    for key, value in a.items():
+        np.testing.assert_allclose(b[key], value, atol=2e-5, err_msg=key)
+
+
+def test_the_policy_starts_from_the_init_ema_and_takes_no_step_without_signal(pmtp_ckpt, tmp_path):
+    """The micro model's images pass no instance of the checker: with the checker as the reward every
+    group ties, so no update may move a weight (Adam's momentum included), and the policy, its EMA and
+    the figures of update 0 are the init checkpoint's EMA weights."""
+    log = cycle_rl(pmtp_ckpt, tmp_path / "tied", "--reward_kind=checker", "--ground_generated=False", "--lr=1e-2",
+                   "--warmup_steps=0", "--max_steps=2")
+    updates = update_records(log)
+    assert all(r["tie_groups"] == 1.0 and r["updated"] == 0 for r in updates) and len(updates) == 2
+    init = load_file(str(pmtp_ckpt / "ema.safetensors"))
+    assert any(not np.array_equal(value, load_file(str(pmtp_ckpt / "model.safetensors"))[key])
+               for key, value in init.items())  # the init checkpoint's EMA is not its raw weights
+    for which in ("model", "ema"):
+        saved = load_file(str(tmp_path / "tied" / "ckpt" / f"{which}.safetensors"))
+        for key, value in init.items():
+            assert np.array_equal(saved[key], value), (which, key)
 
 
 @pytest.mark.parametrize("algo", ["grpo", "ppo"])
@@ -348,9 +393,11 @@ def test_resumed_run_equals_uninterrupted_run(pmtp_ckpt, tmp_path, algo):
     whole = cycle_rl_side_by_side(pmtp_ckpt, {tmp_path / "whole": [*extra, "--max_steps=4"],
                                               tmp_path / "parts": [*extra, "--max_steps=2"]})[tmp_path / "whole"]
     parts = cycle_rl(pmtp_ckpt, tmp_path / "parts", *extra, "--max_steps=4", "--init_from=resume")
-    assert parts == whole and len(whole) == 4
+    assert parts == whole and len(update_records(whole)) == 4 and "probe_isr" in whole[0]
+    whole = update_records(whole)
     assert all(k in whole[0] for k in ("reward", "reward_std_in_group", "kl", "clip_frac", "approx_kl", "tie_groups",
-                                       "sample_isr", "reward_checker_corr", "reward_checker_corr_in_group"))
+                                       "sample_isr", "reward_checker_corr", "reward_checker_corr_in_group",
+                                       "grad_norm", "probe_isr", "probe_reward"))
     assert all(r["ratio_error"] == 0.0 for r in whole)  # each update's first minibatch scores as it sampled
     assert any(r["ground_images"] > 0 for r in whole)  # the cycle's gift to grounding ran
     for which in ("model", "ema"):
@@ -367,12 +414,12 @@ def test_two_process_ddp_equals_one_process_with_the_same_layouts(pmtp_ckpt, tmp
     # every step stochastic: with the default window (3 of the 4 steps) one weight of 4096, whose exact gradient is
     # ~0, moved 2.2e-5 apart, over the float-noise tolerance below
     extra = [f"--algo={algo}", "--minibatches=1", "--ground_threshold=0.1", "--max_steps=2", "--ckpt_interval=2",
-             "--sde_window_end=-1"]
-    one = cycle_rl(pmtp_ckpt, tmp_path / "one", *extra, "--layouts_per_update=2")
-    two = cycle_rl(pmtp_ckpt, tmp_path / "two", *extra, "--layouts_per_update=1", nproc=2)
+             "--lr=1e-4", "--warmup_steps=0", "--sde_window_end=0"]
+    one = update_records(cycle_rl(pmtp_ckpt, tmp_path / "one", *extra, "--layouts_per_update=2"))
+    two = update_records(cycle_rl(pmtp_ckpt, tmp_path / "two", *extra, "--layouts_per_update=1", nproc=2))
     assert any(r["ground_images"] > 0 for r in one)  # the cycle's gift ran
     # (not policy_loss: with one minibatch the ratio is 1 and it is -mean(advantage), 0 up to rounding)
-    for key in ("reward", "reward_std_in_group", "ground_loss", "ground_images"):
+    for key in ("reward", "reward_std_in_group", "ground_loss", "ground_images", "grad_norm"):
         np.testing.assert_allclose([r[key] for r in two], [r[key] for r in one], rtol=1e-4, atol=1e-7, err_msg=key)
     # the KL to the reference is 0 before the first update and ~2e-7 after it: relative tolerance only
     assert one[0]["kl"] == two[0]["kl"] == 0.0 and one[1]["kl"] > 0
@@ -387,3 +434,16 @@ def test_normalized_critic_advantages_have_zero_mean_and_unit_std():
     advantages = rewards.critic_advantages(torch.tensor([1.0, 0.5, 0.2]), torch.rand(4, 3), eps=1e-8)
     torch.testing.assert_close(advantages.mean(), torch.tensor(0.0), atol=1e-6, rtol=0)
     torch.testing.assert_close(advantages.std(unbiased=False), torch.tensor(1.0))
+
+
+@pytest.mark.parametrize("flag, words", [("--reward_kind=nois", ["reward_kind", "'nois'"]),
+                                         ("--init_weights=raw", ["init_weights", "'raw'"]),
+                                         ("--sample_batch=3", ["sample_batch 3", "8 samples"]),
+                                         ("--algo=rft", ["algo", "'rft'"])])
+def test_bad_cycle_rl_settings_are_refused_with_one_line_and_nothing_written(pmtp_ckpt, tmp_path, flag, words):
+    result = subprocess.run([sys.executable, "train_cycle_rl.py", f"--init_from={pmtp_ckpt}", f"--out_dir={tmp_path / 'rl'}",
+                             *MICRO_RL, flag], cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert all(word in result.stderr for word in words), result.stderr
+    assert not (tmp_path / "rl").exists()
