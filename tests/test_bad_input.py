@@ -219,6 +219,8 @@ CASES = [
     pytest.param("pipeline --device cuda without CUDA",
                  lambda w, t: ["pipeline.py", "--preset=micro", "--out_dir", t / "pipeline", "--device", "cuda"],
                  ["--device cuda", "no CUDA device"], marks=no_cuda),
+    ("pipeline --seeds 0", lambda w, t: ["pipeline.py", "--preset=micro", "--out_dir", t / "pipeline", "--seeds", "0"],
+     ["--seeds", ">= 1", "got 0"]),
     # evaluate.py's flags
     ("eval --n 0", lambda w, t: evaluate(w, t, "--n", "0"), ["--n", "'0'"]),
     ("eval --steps 0", lambda w, t: evaluate(w, t, "--steps", "0"), ["--steps", "'0'"]),

@@ -155,3 +155,33 @@ def test_a_second_run_skips_what_is_finished(main_job):
     assert all(f"eval {name}: done earlier, skipped" in again.stdout for name in pipeline.ROWS)
     assert "trained: nothing" in again.stdout and "100%" not in again.stderr
     assert [f.read_text() for f in files] == before
+
+
+def test_the_scarce_preset_shows_every_arm_only_its_pairs_and_starts_every_arm_from_pmtp():
+    """Every image any arm of the scarce preset sees comes from the same SCARCE_PAIRS scenes (data seed 0, set
+    after each stage's own arguments, so that pmtp_more's data seed does not pick others); every arm starts
+    from that seed's PMTP; further seeds train elsewhere with seeds of their own, against the one judge."""
+    preset = pipeline.PRESETS["scarce"]
+
+    def effective(argv, key):  # the script's config reads its arguments in order: the last one wins
+        return [a.split("=", 1)[1] for a in argv if a.startswith(f"--{key}=")][-1]
+
+    seeds = set()
+    for k in (0, 1, 2):
+        out = pipeline.seed_dir("out/scarce", k)
+        assert out == ("out/scarce" if k == 0 else f"out/scarce/seed{k}")
+        for name in preset["budgets"]:
+            argv = pipeline.stage_argv(name, preset, out, "data", "cpu", k, "out/scarce")
+            if pipeline.STAGES[name][1] in pipeline.IMAGE_READERS:
+                assert effective(argv, "cache_scenes") == str(pipeline.SCARCE_PAIRS), (name, argv)
+                assert effective(argv, "data_seed") == "0", (name, argv)
+            else:  # Cycle RL and self-training read no image
+                assert not any(a.startswith("--cache_scenes=") for a in argv), name
+            if name not in ("judge", "pmtp", "gen_only"):
+                assert effective(argv, "init_from") == f"{out}/pmtp/ckpt", (name, argv)
+            if name == "cycle_rl_judge":
+                assert effective(argv, "reward_ckpt") == "out/scarce/judge/ckpt"
+            if k:
+                seeds.add(effective(argv, "seed"))
+    assert len(seeds) == 2 * len(preset["budgets"])  # no two stages or seeds share a training seed
+    assert preset["control"] == "pmtp_more" and preset["eval"]["n"] >= 200
