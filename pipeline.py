@@ -101,18 +101,18 @@ PRESETS = {
     # what each stage adds: the main job's stages (the same commands in the same out_dir, so that after
     # `python pipeline.py` only the others train) and their controls at equal minutes on 2 CPU cores,
     # from the speeds of the main job's latest run alone there: PMTP 2.7 steps/s, DJO 1.12, a Cycle RL
-    # update 5.2 s; generation only 3.09 steps/s (200 steps alone, with the conv stem) against PMTP's 2.76
+    # update of 256 samples 49 s (timed alone from a PMTP, not yet in a whole run); generation only 3.09 steps/s (200 steps alone, with the conv stem) against PMTP's 2.76
     # over its 798 s of training:
     #   gen_only   PMTP's 2200 steps' minutes of generation only
     #   pmtp_idm   PMTP's 2200 steps with IDM (the IDM on/off pair is at equal steps)
     #   pmtp_more  PMTP continued for DJO's 200 steps' minutes (485 steps)
-    #   djo_more   DJO continued for Cycle RL's 40 updates' minutes (235 steps)
+    #   djo_more   DJO continued for Cycle RL's 6 updates' minutes (330 steps)
     #   cycle_rl_ppo  PPO from the same DJO checkpoint, with GRPO's sampling budget
     #   cycle_rl_oracle  GRPO from the same DJO checkpoint and budget, the checker's verdict as the reward
     "ablations": dict(
         out_dir="out/pipeline",
         res=32,
-        budgets=dict(judge=600, gen_only=2450, pmtp=2200, pmtp_idm=2200, pmtp_more=485, djo=200, djo_more=235,
+        budgets=dict(judge=600, gen_only=2450, pmtp=2200, pmtp_idm=2200, pmtp_more=485, djo=200, djo_more=330,
                      cycle_rl=CYCLE_RL_UPDATES, cycle_rl_ppo=CYCLE_RL_UPDATES, cycle_rl_oracle=CYCLE_RL_UPDATES),
         eval=dict(sets="val,heldout,crowded,leakage", n=64, steps=25, cfg=3.0),
         args=TINY_ARGS,
