@@ -12,7 +12,8 @@ format of every CLI (README, "The layout file").
 then open http://127.0.0.1:8000/. The API is JSON over HTTP:
     GET  /vocab      what the page needs: vocabulary, palette, limits, defaults
     POST /validate   a layout document -> its scenes as layouts.parse_layouts reads them (caption built if missing)
-    POST /generate   a layout document of one scene + seed, steps, cfg, n_seeds -> PNG data URLs and figures
+    POST /generate   a layout document of one scene + seed, steps, cfg, n_seeds -> PNG data URLs and figures;
+                     best_of > 1 or repair > 0: self-verified sampling (sampler.py's), with every candidate
 A bad request answers 400 with {"error": one line}: a layout error is the line the CLIs print (the
 validation is layouts.parse_layouts, the CLIs' own), a bad number names the field and the value. Nothing is computed for it.
 One model is in memory; a lock makes concurrent requests queue for it.
@@ -30,6 +31,7 @@ import traceback
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
+import torch
 from PIL import Image
 
 import detector
@@ -51,6 +53,9 @@ MAX_BODY_BYTES = 1_000_000  # a layout document of the world's largest scenes is
 # the numbers of a /generate request: field -> the CLIs' flag type (which names the allowed values), default, upper bound
 REQUEST_FIELDS = {"seed": (runtime.seed_int, SEED, None), "steps": (runtime.positive_int, STEPS, MAX_STEPS),
                   "cfg": (runtime.non_negative_float, CFG, None), "n_seeds": (runtime.positive_int, N_SEEDS, MAX_SEEDS)}
+MAX_BEST_OF, MAX_REPAIR = 8, 4  # candidates per seed and repair rounds: n_seeds x best_of images in one pass
+# the switch for self-verified sampling (sampler.py --best_of, --repair); at their defaults /generate answers as without them
+VERIFY_FIELDS = {"best_of": (runtime.positive_int, 1, MAX_BEST_OF), "repair": (runtime.non_negative_int, 0, MAX_REPAIR)}
 
 
 class RequestError(ValueError):
@@ -64,9 +69,9 @@ class RequestError(ValueError):
 # reading a request with the CLIs' own checks
 
 
-def read_number(document, field):
+def read_number(document, field, fields=REQUEST_FIELDS):
     """A /generate number, checked by the CLI flag type of the same name; refused naming field and value."""
-    kind, default, most = REQUEST_FIELDS[field]
+    kind, default, most = fields[field]
     if field not in document:
         return default
     try:
@@ -79,16 +84,18 @@ def read_number(document, field):
 
 
 def read_generate_request(body, tokenizer, max_instances):
-    """(scene, {seed, steps, cfg, n_seeds}) of a /generate body: a layout document of one scene, with the numbers
-    beside "scenes"."""
+    """(scene, {seed, steps, cfg, n_seeds}, {best_of, repair}) of a /generate body: a layout document of one scene,
+    with the numbers beside "scenes"."""
     scenes = layouts.parse_layouts(body, tokenizer, max_instances, where="request")
     document = json.loads(body)  # parse_layouts parsed it already: this cannot fail
-    unknown = sorted(set(document) - {"scenes", *REQUEST_FIELDS})
+    unknown = sorted(set(document) - {"scenes", *REQUEST_FIELDS, *VERIFY_FIELDS})
     if unknown:
-        raise RequestError(f"request: unknown field {unknown[0]!r} (known: scenes, {', '.join(REQUEST_FIELDS)})")
+        raise RequestError(f"request: unknown field {unknown[0]!r} "
+                           f"(known: scenes, {', '.join([*REQUEST_FIELDS, *VERIFY_FIELDS])})")
     if len(scenes) != 1:
         raise RequestError(f"scenes: {len(scenes)} scenes, /generate draws one at a time")
-    return scenes[0], {field: read_number(document, field) for field in REQUEST_FIELDS}
+    return (scenes[0], {field: read_number(document, field) for field in REQUEST_FIELDS},
+            {field: read_number(document, field, VERIFY_FIELDS) for field in VERIFY_FIELDS})
 
 # -----------------------------------------------------------------------------
 # the model and what a request gets from it
@@ -135,7 +142,9 @@ class Studio:
 
     def generate(self, body):
         """/generate: n_seeds images of one scene (seeds seed, seed + 1, ...), each as sampler.py writes it."""
-        scene, request = read_generate_request(body, self.tokenizer, self.max_instances)
+        scene, request, verify = read_generate_request(body, self.tokenizer, self.max_instances)
+        if verify["best_of"] > 1 or verify["repair"] > 0:
+            return self.generate_verified(scene, request, verify)
         seeds = list(range(request["seed"], request["seed"] + request["n_seeds"]))
         started = time.perf_counter()
         with self.lock:
@@ -149,6 +158,62 @@ class Studio:
                    for i, (seed, image) in enumerate(zip(seeds, images))]
         return {"scene": layout_scene(scene), **request, "res": self.res, "closed": self.closed,
                 "seconds": round(seconds, 3), "truth": truth, "truth_error": truth_error, "samples": samples}
+
+    def generate_verified(self, scene, request, verify):
+        """/generate with best_of > 1 or repair > 0: per seed, sampler.py's self-verified sampling (best_of, then
+        repair's rounds) with the model's own head as the judge, as `sampler.py --best_of K --repair R` draws it.
+        Each sample is the kept image after repair, figured as without the switch, plus every candidate (figured
+        alike; candidate k of seed s is drawn from sampler.candidate_seed(s, k)), the candidate kept, and per
+        instance the final verdict (sampler.scene_report's) and whether repair redrew its box: "tried", some round
+        redrew it; "redrawn", a round that was kept did, so the final image holds the redraw."""
+        if self.grounder is None:
+            field = "best_of" if verify["best_of"] > 1 else "repair"
+            raise RequestError(f"{field}: self-verified sampling needs the model's grounding head, this checkpoint "
+                               f"has none, got {verify[field]}")
+        K, rounds, seed = verify["best_of"], verify["repair"], request["seed"]
+        scenes = [scene] * request["n_seeds"]
+        C, R = self.model.config.channels, self.res
+        started = time.perf_counter()
+        with self.lock:
+            _, batch = next(sampler.scene_batches(self.model, scenes, self.tokenizer, len(scenes)))
+            noise = lambda noise_seed: sampler.initial_noise(len(scenes), (C, R, R), noise_seed).to(batch["boxes"].device)
+            # best_of grounds every candidate once, as its PNG holds it: the images it sees are the candidates
+            seen = []
+            judge = lambda b: seen.append(b["images"]) or self.grounder(b)
+            x, verdict, kept, worst = sampler.best_of(self.model, judge, batch,
+                                                      torch.stack([noise(sampler.candidate_seed(seed, k)) for k in range(K)]),
+                                                      request["steps"], request["cfg"])
+            candidates = sampler.to_uint8(seen[0])  # candidate-major: candidate k of row i is k * n_seeds + i
+            # repair's rounds (sampler.repair, kept apart to learn which boxes were redrawn)
+            failing = lambda v: sampler.failing_instances(v, batch, sampler.PASS_SCORE)
+            tried = torch.zeros_like(batch["instance_mask"])  # (B, N): redrawn by some round
+            redrawn = torch.zeros_like(batch["instance_mask"])  # (B, N): redrawn by a round whose image was kept
+            repairs_kept = torch.zeros(len(scenes), dtype=torch.long, device=x.device)
+            for x, verdict, targeted, better in sampler.repair_rounds(
+                    self.model, self.grounder, batch, x, verdict, [noise(sampler.repair_seed(seed, r)) for r in range(rounds)],
+                    failing, sampler.REPAIR_T0, request["steps"], request["cfg"]):
+                tried |= targeted
+                redrawn |= targeted & better[:, None]
+                repairs_kept += better
+            images = sampler.to_uint8(x)
+            found = self.ground(scene, images + candidates)
+        seconds = time.perf_counter() - started
+        truth, truth_error = self.true_render(scene)
+        B, samples = len(scenes), []
+        for i, image in enumerate(images):
+            figures = lambda row, s, img: self.sample_figures(scene, s, img, (found[0][row], found[1][row]))
+            report = sampler.scene_report(scene, verdict, i, sampler.PASS_SCORE)
+            for j, inst in enumerate(report["instances"]):
+                inst.update(redrawn=bool(redrawn[i, j]), tried=bool(tried[i, j]))
+            samples.append(dict(figures(i, seed + i, image), kept=int(kept[i]),
+                                candidate_worst=[round(float(w), 4) for w in worst[i]],
+                                candidates=[figures(B + k * B + i, sampler.candidate_seed(seed, k) + i, candidates[k * B + i])
+                                            for k in range(K)],
+                                repairs_kept=int(repairs_kept[i]), worst_score=report["worst_score"],
+                                verdict=report["instances"]))
+        return {"scene": layout_scene(scene), **request, **verify, "pass_score": sampler.PASS_SCORE, "res": self.res,
+                "closed": self.closed, "seconds": round(seconds, 3), "truth": truth, "truth_error": truth_error,
+                "samples": samples}
 
     def ground(self, scene, images):
         """The own head's (boxes (S, N, 4), scores (S, N)) for the scene's phrases in each image; None without a head."""

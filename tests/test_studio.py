@@ -213,13 +213,68 @@ BAD_FIELDS = [
     ({"cfg": None}, "cfg: must be a finite number >= 0, got 'null'"),
     ({"n_seeds": 9}, "n_seeds: at most 8 here, got 9"),
     ({"n_seeds": 0}, "n_seeds: must be an integer >= 1, got '0'"),
-    ({"seeds": 4}, "request: unknown field 'seeds' (known: scenes, seed, steps, cfg, n_seeds)"),
+    ({"seeds": 4}, "request: unknown field 'seeds' (known: scenes, seed, steps, cfg, n_seeds, best_of, repair)"),
+    ({"best_of": 0}, "best_of: must be an integer >= 1, got '0'"),
+    ({"best_of": "x"}, "best_of: must be an integer >= 1, got '\"x\"'"),
+    ({"best_of": 9}, "best_of: at most 8 here, got 9"),
+    ({"repair": -1}, "repair: must be an integer >= 0, got '-1'"),
+    ({"repair": 1.5}, "repair: must be an integer >= 0, got '1.5'"),
+    ({"repair": 5}, "repair: at most 4 here, got 5"),
 ]
 
 
 @pytest.mark.parametrize("fields, message", BAD_FIELDS)
 def test_a_bad_number_answers_400_naming_the_field_and_value(shapes, generate_calls, fields, message):
     assert request(shapes[0], "/generate", layout(RED_CIRCLE, **fields)) == (400, {"error": message})
+    assert generate_calls == []
+
+
+def test_best_of_1_and_repair_0_answer_exactly_as_without_them(shapes, monkeypatch):
+    monkeypatch.setattr(time, "perf_counter", lambda: 0.0)  # "seconds", the one figure that is not the same twice
+    body = layout(RED_CIRCLE, BLUE_SQUARE, seed=5, steps=2, n_seeds=2)
+    plain = request(shapes[0], "/generate", body)
+    assert plain[0] == 200 and "best_of" not in plain[1] and "candidates" not in plain[1]["samples"][0]
+    assert request(shapes[0], "/generate", dict(body, best_of=1, repair=0)) == plain
+
+
+def test_best_of_answers_every_candidate_and_the_one_kept(shapes):
+    status, answer = request(shapes[0], "/generate", layout(RED_CIRCLE, BLUE_SQUARE, seed=5, steps=3, n_seeds=2, best_of=2))
+    assert status == 200, answer
+    assert answer["best_of"] == 2 and answer["repair"] == 0 and answer["pass_score"] == sampler.PASS_SCORE
+    for i, sample in enumerate(answer["samples"]):
+        assert sample["seed"] == 5 + i and sample["kept"] in (0, 1) and len(sample["candidate_worst"]) == 2
+        assert [c["seed"] for c in sample["candidates"]] == [5 + i, 5 + i + sampler.CANDIDATE_SEED_STRIDE]
+        for candidate in sample["candidates"]:  # figured as an image without the switch
+            assert decode(candidate["image"]).shape == (32, 32, 3) and len(candidate["instances"]) == 2
+            assert candidate["found"] is not None and candidate["instances"][0]["checker"] is not None
+        assert not (decode(sample["candidates"][0]["image"]) == decode(sample["candidates"][1]["image"])).all()
+        assert sample["image"] == sample["candidates"][sample["kept"]]["image"]  # no repair: the kept one, as it is
+        assert sample["candidate_worst"][sample["kept"]] == max(sample["candidate_worst"]) == sample["worst_score"]
+        assert sample["repairs_kept"] == 0 and not any(v["redrawn"] or v["tried"] for v in sample["verdict"])
+
+
+def test_repair_answers_per_instance_which_boxes_it_redrew_and_their_verdict(shapes):
+    status, answer = request(shapes[0], "/generate", layout(RED_CIRCLE, BLUE_SQUARE, seed=5, steps=2, repair=1))
+    assert status == 200, answer
+    (sample,) = answer["samples"]
+    assert sample["kept"] == 0 and len(sample["candidates"]) == 1 and sample["repairs_kept"] in (0, 1)
+    assert [v["phrase"] for v in sample["verdict"]] == ["red circle", "blue square"]
+    for v in sample["verdict"]:
+        assert set(v) == {"phrase", "box", "found", "confidence", "iou", "score", "pass", "redrawn", "tried"}
+        assert v["pass"] == (v["score"] >= sampler.PASS_SCORE) and len(v["found"]) == 4
+        assert v["redrawn"] == (v["tried"] and sample["repairs_kept"] == 1)
+        if sample["repairs_kept"] == 0:  # the verdict is the candidate's: repair redrew what failed it
+            assert v["tried"] == (not v["pass"])
+    if sample["repairs_kept"] == 0:
+        assert sample["image"] == sample["candidates"][0]["image"]
+
+
+def test_self_verified_sampling_needs_a_grounding_head(shapes, generate_calls):
+    model, tokenizer, _ = runtime.load_model(str(shapes[1]), EchoGen, "ema", "cpu")
+    bare = studio.Studio(model, tokenizer)
+    bare.grounder = None  # as for a generation-only checkpoint
+    with pytest.raises(studio.RequestError, match=r"^best_of: self-verified sampling needs the model's grounding head"):
+        bare.generate(json.dumps(layout(RED_CIRCLE, steps=1, best_of=2)).encode())
     assert generate_calls == []
 
 
