@@ -43,13 +43,19 @@ def answering_slots(iou, groups):
 
 
 @torch.no_grad()
-def matched_ious(pred_boxes, target_boxes, phrase_ids, instance_mask):
-    """IoU of each asked instance with the prediction matched to it (answering_slots): pred_boxes,
-    target_boxes (B, N, 4) xyxy, phrase_ids (B, N, Lp), instance_mask (B, N) -> (B, N), 0 on empty slots."""
+def match_predictions(pred_boxes, target_boxes, phrase_ids, instance_mask):
+    """The prediction slot that answers each asked instance (answering_slots) and its IoU with the asked box:
+    pred_boxes, target_boxes (B, N, 4) xyxy, phrase_ids (B, N, Lp), instance_mask (B, N) -> (answer (B, N) long,
+    iou (B, N), 0 on empty slots)."""
     # (B, N, N): pred slot x asked slot; empty slots hold zero boxes, whose 0 / 0 IoU is NaN
     iou = box_iou(pred_boxes.float(), target_boxes.float())[0].nan_to_num(0.0)
     answer = answering_slots(iou, phrase_groups(phrase_ids, instance_mask))  # (B, N)
-    return iou.gather(1, answer[:, None, :]).squeeze(1) * instance_mask  # iou[b, answer[b, j], j]
+    return answer, iou.gather(1, answer[:, None, :]).squeeze(1) * instance_mask  # iou[b, answer[b, j], j]
+
+
+def matched_ious(pred_boxes, target_boxes, phrase_ids, instance_mask):
+    """IoU of each asked instance with the prediction matched to it (match_predictions) -> (B, N)."""
+    return match_predictions(pred_boxes, target_boxes, phrase_ids, instance_mask)[1]
 
 
 @torch.no_grad()

@@ -45,8 +45,6 @@ import rewards
 import runtime
 import shapescenes
 import model as mmdit
-from boxes import box_iou
-from matcher import phrase_groups
 
 
 def timestep_schedule(steps, shift):
@@ -339,12 +337,9 @@ def verify(grounder, images, batch):
     as_saved = pixel_levels(images) / 127.5 - 1  # as layouts.collate reads a PNG back
     pred_boxes, pred_scores = grounder({**batch, "images": as_saved})
     mask = batch["instance_mask"]
-    # empty slots hold zero boxes, whose 0 / 0 IoU is NaN
-    iou = box_iou(pred_boxes.float(), batch["boxes"].float())[0].nan_to_num(0.0)  # (B, N, N) pred x asked
-    answer = rewards.answering_slots(iou, phrase_groups(batch["phrase_ids"], mask))  # (B, N)
+    answer, matched_iou = rewards.match_predictions(pred_boxes, batch["boxes"], batch["phrase_ids"], mask)  # (B, N)
     found = pred_boxes.float().gather(1, answer[..., None].expand(-1, -1, 4)) * mask[..., None]
     confidence = pred_scores.float().gather(1, answer) * mask
-    matched_iou = iou.gather(1, answer[:, None, :]).squeeze(1) * mask  # iou[b, answer[b, j], j]
     score = confidence * matched_iou
     worst = score.masked_fill(~mask, math.inf).amin(1)  # a layout holds at least one instance
     return Verdict(found, confidence, matched_iou, score, worst)
