@@ -112,10 +112,13 @@ def interpolate(x0, noise, t):
 
 
 def flow_loss(v, x0, noise, row_weight=None):
-    """MSE to the velocity target eps - x0 (docs/design.md), each row weighted by row_weight (B,) if given.
-    The mean runs over all B rows, not over the weights' sum, so that a batch split across ranks
-    averages to the same loss as the whole batch on one rank."""
-    per_row = (v.float() - (noise - x0).float()).pow(2).flatten(1).mean(1)  # (B,)
+    """MSE to the velocity target eps - x0 (docs/design.md), each row weighted by row_weight (B,) if given,
+    or each pixel by a weight map (B, 1, R, R). The mean runs over all B rows, not over the weights' sum,
+    so that a batch split across ranks averages to the same loss as the whole batch on one rank."""
+    error = (v.float() - (noise - x0).float()).pow(2)  # (B, C, R, R)
+    if row_weight is not None and row_weight.dim() == 4:
+        return (error * row_weight).mean()
+    per_row = error.flatten(1).mean(1)  # (B,)
     return per_row.mean() if row_weight is None else (per_row * row_weight).mean()
 
 

@@ -10,7 +10,9 @@ Rewards and advantages of Cycle RL (docs/design.md, "The three stages", 3).
   every other slot keeps its own box. The confidence half does not depend on the matching.
 - brightness_reward: an analytic stand-in (mean brightness inside the boxes) to test the RL loop.
 - group_advantages: GRPO's group-relative advantages (per layout group of G samples: mean and std
-  of its rewards, a small epsilon, clipping).
+  of its rewards, a small epsilon, clipping); instance_advantages: the same per asked instance, and
+  instance_weight_map: those spread over each instance's box, the credit of Cycle RL's awm with
+  credit = "instance".
 - critic_advantages: PPO's r - phi(s_t) with a learned value (I-DRUID), and ValueCritic, the small MLP.
 - agreement: how an update's rewards relate to the rule-based checker's verdict on the same images.
 - clipped_policy_loss: the clipped ratio objective of one step and its statistics (clip fraction,
@@ -62,12 +64,19 @@ def matched_ious(pred_boxes, target_boxes, phrase_ids, instance_mask):
 def score_layouts(pred_boxes, pred_scores, target_boxes, phrase_ids, instance_mask):
     """The layout reward from a grounder's output: pred_boxes (B, N, 4) xyxy, pred_scores (B, N) in
     [0, 1], target_boxes (B, N, 4) xyxy, phrase_ids (B, N, Lp), instance_mask (B, N)
-    -> {"reward": (B,), "iou": (B,) mean matched IoU, "confidence": (B,) mean score}."""
+    -> {"reward": (B,), "per_instance": (B, N) each asked instance's matched IoU + score (0 on empty slots),
+    "iou": (B,) mean matched IoU, "confidence": (B,) mean score}."""
     mask = instance_mask.float()
-    n = mask.sum(1).clamp(min=1)
-    iou = matched_ious(pred_boxes, target_boxes, phrase_ids, instance_mask).sum(1) / n
-    confidence = (pred_scores.float() * mask).sum(1) / n
-    return {"reward": iou + confidence, "iou": iou, "confidence": confidence}
+    iou = matched_ious(pred_boxes, target_boxes, phrase_ids, instance_mask)  # (B, N), 0 on empty slots
+    confidence = pred_scores.float() * mask
+    return {"reward": instance_mean(iou + confidence, instance_mask), "per_instance": iou + confidence,
+            "iou": instance_mean(iou, instance_mask), "confidence": instance_mean(confidence, instance_mask)}
+
+
+def instance_mean(per_instance, instance_mask):
+    """(B, N) values of the asked instances -> (B,) their mean over each layout's instances."""
+    mask = instance_mask.float()
+    return (per_instance * mask).sum(1) / mask.sum(1).clamp(min=1)
 
 
 @torch.no_grad()
@@ -79,19 +88,23 @@ def layout_reward(grounder, images, batch):
     return score_layouts(boxes, scores, batch["boxes"], batch["phrase_ids"], batch["instance_mask"])
 
 
-@torch.no_grad()
-def brightness_reward(images, boxes, instance_mask):
-    """An analytic reward for sanity checks of the RL loop (no grounder): the mean brightness inside
-    the asked boxes, in [0, 1]. images (B, C, R, R) in [-1, 1], boxes (B, N, 4) xyxy, instance_mask (B, N) -> (B,)"""
-    R = images.shape[-1]
-    centres = (torch.arange(R, device=images.device, dtype=torch.float32) + 0.5) / R
+def box_masks(boxes, res):
+    """Which pixels of a res x res image each box covers (pixel centres inside): boxes (B, N, 4) xyxy in
+    [0, 1] -> (B, N, res, res) float 0 / 1."""
+    centres = (torch.arange(res, device=boxes.device, dtype=torch.float32) + 0.5) / res
     inside_x = (centres >= boxes[..., 0:1]) & (centres < boxes[..., 2:3])  # (B, N, R)
     inside_y = (centres >= boxes[..., 1:2]) & (centres < boxes[..., 3:4])
-    masks = (inside_y[..., :, None] & inside_x[..., None, :]).float()  # (B, N, R, R)
+    return (inside_y[..., :, None] & inside_x[..., None, :]).float()
+
+
+@torch.no_grad()
+def brightness_reward(images, boxes):
+    """An analytic reward for sanity checks of the RL loop (no grounder): the mean brightness inside
+    each asked box, in [0, 1]. images (B, C, R, R) in [-1, 1], boxes (B, N, 4) xyxy -> (B, N) per instance
+    (instance_mean makes the image's reward)."""
+    masks = box_masks(boxes, images.shape[-1])  # (B, N, R, R)
     brightness = (images.float().clamp(-1, 1).mean(1) + 1) / 2  # (B, R, R)
-    per_instance = (masks * brightness[:, None]).sum((2, 3)) / masks.sum((2, 3)).clamp(min=1)
-    mask = instance_mask.float()
-    return (per_instance * mask).sum(1) / mask.sum(1).clamp(min=1)
+    return (masks * brightness[:, None]).sum((2, 3)) / masks.sum((2, 3)).clamp(min=1)
 
 
 # -----------------------------------------------------------------------------
@@ -109,6 +122,24 @@ def group_advantages(rewards, group_size, eps=1e-4, clip=5.0):
     if clip > 0:
         advantages = advantages.clamp(-clip, clip)
     return advantages.flatten()
+
+
+def instance_advantages(per_instance, instance_mask, group_size, eps=1e-4, clip=5.0):
+    """GRPO's advantages per asked instance: per_instance (B * G, N), each group's G samples of one layout
+    contiguous, so instance slot k is the same asked object in all G -> (B * G, N), normalized over the
+    group per slot (group_advantages on each slot); 0 on empty slots and on slots whose G values tie."""
+    N = per_instance.shape[1]
+    by_slot = per_instance.float().view(-1, group_size, N).transpose(1, 2).flatten()  # (B * N * G,): slot-major groups
+    advantages = group_advantages(by_slot, group_size, eps, clip).view(-1, N, group_size).transpose(1, 2).flatten(0, 1)
+    return advantages * instance_mask
+
+
+def instance_weight_map(advantages, boxes, instance_mask, res):
+    """Each pixel's share of the instance advantages: advantages, instance_mask (B, N), boxes (B, N, 4)
+    -> (B, 1, R, R), the mean advantage of the asked boxes that cover the pixel, 0 outside every box."""
+    masks = box_masks(boxes, res) * instance_mask[..., None, None]  # (B, N, R, R)
+    covered = masks.sum(1, keepdim=True)
+    return (masks * advantages[..., None, None]).sum(1, keepdim=True) / covered.clamp(min=1)
 
 
 def critic_advantages(rewards, values, normalize=True, eps=1e-4):

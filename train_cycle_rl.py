@@ -17,7 +17,11 @@ Per update:
   4. advantages: GRPO (algo = "grpo"), per group mean / std, groups whose rewards are all equal
      carry none; PPO (algo = "ppo", I-DRUID), r - phi(x_t, t, layout) from a small MLP critic trained on
      the rewards (rewards.ValueCritic);
-  5. the clipped ratio objective over the trained steps (train_steps: "all", "early" = the first
+     awm (advantage-weighted flow matching): the GRPO advantages weight each sample's flow loss, re-noised
+     at a fresh t with its asked layout as the condition (flow_update), plus kl_weight x ||v - v_ref||^2,
+     in one optimizer step; self_train: each group's best sample, if it reaches self_train_threshold,
+     the same way with weight 1; then step 5 is skipped;
+  5. grpo / ppo: the clipped ratio objective over the trained steps (train_steps: "all", "early" = the first
      train_fraction of the stochastic steps, the high-noise ones, or "random" = a random
      train_fraction of them each update), plus kl_weight times the closed-form KL to the frozen
      reference policy per step and sample, averaged over every sample of the update, the gradient
@@ -117,16 +121,22 @@ train_steps = "random"  # "all", "early" (the first train_fraction of the stocha
 # train_fraction of them each update: every step is trained, and held to the reference, in expectation)
 train_fraction = 0.3
 # the objective
-algo = "grpo"  # "grpo", "ppo", or "self_train": verified self-training, the low-variance alternative to the
-# policy gradient (rejection-sampling fine-tuning): each group's best sample, if its reward reaches
-# self_train_threshold, trains the flow loss with its own layout as the condition
+algo = "grpo"  # "grpo" (the likelihood-ratio policy gradient over the SDE's steps), "ppo" (the same with a critic),
+# "awm": advantage-weighted flow matching, each sample's flow loss (its asked layout the condition) weighted by
+# its group advantage, positive and negative: the gradient of DiffusionNFT's objective at the sampling policy,
+# a supervised-size signal per sample instead of a log-prob ratio, or "self_train": verified self-training
+# (rejection-sampling fine-tuning), each group's best sample, if its reward reaches self_train_threshold
+credit = "instance"  # awm: "image" (each sample's advantage on all its pixels) or "instance": each asked instance's
+# own advantage (its reward against the same instance in the group's other samples) on the pixels of its box, 0
+# outside the boxes: an image of 8 objects is no longer credited for 7 by the fate of one
 self_train_threshold = 1.5
 clip_range = 1e-3  # on the ratio of per-dimension-mean log-probs (sampler.sde_step_with_logprob)
 adv_clip = 5.0
 adv_eps = 1e-4
-kl_weight = 0.1  # the closed-form KL to the reference per trained step, on every sample (tied groups too)
+kl_weight = 0.1  # grpo / ppo: the closed-form KL to the reference per trained step, on every sample (tied groups
+# too); awm / self_train: the velocity-matching term ||v - v_ref||^2 at the trained x_t
 idm_weight = 0.01  # L_dis on the policy's velocity passes, for a model with IDM (ignored without); untuned
-minibatches = 1  # optimizer steps per update, each over a share of the samples and all trained steps
+minibatches = 1  # grpo / ppo: optimizer steps per update, each over a share of the samples and all trained steps
 # reward
 reward_kind = "grounding"  # "grounding" (the layout reward); for the sanity ladder (docs/cycle_rl.md) and diagnosis,
 # never the method: "checker" (ShapeScenes: the rule-based checker's verdict itself, an oracle that agrees with
@@ -177,17 +187,21 @@ if reward_kind not in ("grounding", "checker", "brightness", "noise"):
     runtime.fail(f"reward_kind must be 'grounding', 'checker', 'brightness' or 'noise', got {reward_kind!r}")
 if init_weights not in ("ema", "model"):
     runtime.fail(f"init_weights must be 'ema' or 'model', got {init_weights!r}")
-if algo not in ("grpo", "ppo", "self_train"):
-    runtime.fail(f"algo must be 'grpo', 'ppo' or 'self_train', got {algo!r}")
+if algo not in ("grpo", "ppo", "awm", "self_train"):
+    runtime.fail(f"algo must be 'grpo', 'ppo', 'awm' or 'self_train', got {algo!r}")
+if credit not in ("image", "instance"):
+    runtime.fail(f"credit must be 'image' or 'instance', got {credit!r}")
 if train_steps not in ("all", "early", "random"):
     runtime.fail(f"train_steps must be 'all', 'early' or 'random', got {train_steps!r}")
 if sde_noise_level <= 0:
     runtime.fail(f"sde_noise_level must be > 0 (the policy needs stochastic steps), got {sde_noise_level}")
 if ckpt_interval and ckpt_interval % reward_refresh:
     runtime.fail(f"ckpt_interval {ckpt_interval} must be a multiple of reward_refresh {reward_refresh} (exact resume)")
-if algo == "grpo" and group_size < 2:
-    runtime.fail(f"GRPO needs group_size >= 2, got {group_size}")
+if algo in ("grpo", "awm") and group_size < 2:
+    runtime.fail(f"{algo} needs group_size >= 2 (its advantages are relative to the group), got {group_size}")
 samples_per_rank = layouts_per_update * group_size
+if algo in ("awm", "self_train") and minibatches != 1:
+    runtime.fail(f"minibatches {minibatches}: {algo} takes one optimizer step an update (minibatches=1)")
 if minibatches < 1 or samples_per_rank % minibatches:
     runtime.fail(f"layouts_per_update * group_size = {samples_per_rank} must be a multiple of minibatches {minibatches}")
 # the rows of one forward pass: sampling and scoring cut the samples alike, so that a first minibatch's ratio is exactly 1
@@ -427,34 +441,47 @@ def policy_update(trajectory, batch, advantages, weight, steps, update):
     return stats
 
 
-def self_train_update(images, batch, reward, update):
-    """Verified self-training: each group's best sample whose reward reaches self_train_threshold is a new
-    training pair (the generated image, its asked layout) for the flow loss, PMTP's generation term with
-    its condition dropout. No step when no rank keeps one. -> the log's statistics."""
-    grouped = reward.view(-1, group_size)  # (layouts, G)
-    best = grouped.argmax(1) + torch.arange(len(grouped), device=dev) * group_size  # (layouts,) rows of the batch
-    keep = (reward[best] >= self_train_threshold).float()
-    kept = dist_ctx.all_reduce_mean(keep.sum().item()) * dist_ctx.world
-    stats = {"updated": 0, "grad_norm": 0.0, "ratio_error": 0.0, "kl": 0.0, "self_train_kept": kept,
-             "self_train_loss": 0.0}
-    if kept == 0:
+def flow_update(images, batch, rows, row_weight, update, tied=1):
+    """One optimizer step of the flow loss on the policy's own samples images[rows] with their asked
+    layouts as the condition (PMTP's generation term and condition dropout), each row weighted by
+    row_weight (n,), or each pixel by a weight map (n, 1, R, R), plus kl_weight x the velocity-matching term ||v - v_ref||^2 to the frozen reference at the
+    same x_t (the KL of two Euler-Maruyama steps of one std is this up to a factor). The mean runs over
+    every row passed, accumulated over forward passes of chunk_rows; no step when no rank has a row of
+    nonzero weight. self_train: the rows are each group's best sample, weighted 1 if it reaches the
+    threshold; awm: every sample, weighted by its group advantage, and tied = group_size: the rows of a
+    group share their t, noise and dropout (common random numbers), so that with advantages summing to 0
+    over the group the part of the gradient that the draw of (t, noise) makes cancels, and what is left
+    is the difference between the samples. -> the log's statistics."""
+    stats = {"updated": 0, "grad_norm": 0.0, "ratio_error": 0.0, "kl": 0.0, "flow_loss": 0.0}
+    if dist_ctx.all_reduce_mean(float((row_weight != 0).sum())) == 0:
         return stats
-    # t, dropout and noise of the global batch's pairs, from (seed, update); this rank's slice (resume, DDP)
-    n, first = len(best), dist_ctx.rank * len(best)
+    # t, dropout and noise of the global batch's rows, from (seed, update); this rank's slice (resume, DDP)
+    n, first, draws = len(rows), dist_ctx.rank * len(rows), len(rows) * dist_ctx.world // tied
     g = torch.Generator().manual_seed(seed * 1_000_003 + update)
-    t = objectives.sample_timesteps(n * dist_ctx.world, g)[first:first + n].to(dev)
-    drop = (torch.rand(n * dist_ctx.world, generator=g) < 0.1)[first:first + n].to(dev)  # PMTP's cond_drop (CFG)
-    noise = torch.randn((n * dist_ctx.world, *images.shape[1:]), generator=runtime.step_generator(seed + 31, update, dev),
-                        device=dev)[first:first + n]
-    pairs = {**{k: v[best] for k, v in batch.items()}, "images": images[best].detach().clamp(-1, 1)}
+    t = objectives.sample_timesteps(draws, g).repeat_interleave(tied)[first:first + n].to(dev)
+    drop = (torch.rand(draws, generator=g) < 0.1).repeat_interleave(tied)[first:first + n].to(dev)  # PMTP's cond_drop
+    noise = torch.randn((draws, *images.shape[1:]), generator=runtime.step_generator(seed + 31, update, dev),
+                        device=dev).repeat_interleave(tied, dim=0)[first:first + n]
+    pairs = {**{k: v[rows] for k, v in batch.items()}, "images": images[rows].detach().clamp(-1, 1)}
     x_t, caption_ids, instance_mask = objectives.pmtp_inputs(pairs, torch.zeros(n, dtype=torch.long, device=dev), t,
                                                              noise, drop)
-    with runtime.autocast(dev):
-        v = train_model(x_t, t, caption_ids, pairs["phrase_ids"], pairs["boxes"], instance_mask).v
-    loss = objectives.flow_loss(v, pairs["images"], noise, row_weight=keep)
-    loss.backward()
-    stats["updated"] = int(guard.step(model, optimizer, grad_clip, update, "self-training"))
-    stats.update(grad_norm=guard.grad_norm, self_train_loss=loss.item())
+    passes = [slice(start, start + chunk_rows) for start in range(0, n, chunk_rows)]
+    for k, r in enumerate(passes):
+        if dist_ctx.ddp:  # gradients are all-reduced with the last backward (nanoGPT)
+            train_model.require_backward_grad_sync = k == len(passes) - 1
+        condition = (x_t[r], t[r], caption_ids[r], pairs["phrase_ids"][r], pairs["boxes"][r], instance_mask[r])
+        with runtime.autocast(dev):
+            v = train_model(*condition).v
+            with torch.no_grad():
+                v_ref = reference(*condition).v
+        flow = objectives.flow_loss(v, pairs["images"][r], noise[r], row_weight=row_weight[r])
+        matching = (v.float() - v_ref.float()).pow(2).mean()
+        share = len(x_t[r]) / n
+        ((flow + kl_weight * matching) * share).backward()
+        stats["flow_loss"] += flow.item() * share
+        stats["kl"] += matching.item() * share
+    stats["updated"] = int(guard.step(model, optimizer, grad_clip, update, algo))
+    stats["grad_norm"] = guard.grad_norm
     return stats
 
 
@@ -483,32 +510,39 @@ def ground_generated_images(images, batch, reward, update):
     return loss.item(), n_used
 
 
-def checker_per_image(images, scenes, repeats):
-    """The rule-based checker on generated images (B,): each image's share of passed instances; image j
-    was asked for scenes[j // repeats]. Logged beside the reward to show whether the reward agrees with
-    the checker; it enters the reward only as the oracle (reward_kind "checker")."""
-    pictures = sampler.to_uint8(images)
-    return torch.tensor([float(np.mean([shapescenes.check_instance(picture, inst)["success"]
-                                        for inst in scenes[j // repeats]["instances"]]))
-                         for j, picture in enumerate(pictures)], device=dev)
+def checker_per_instance(images, scenes, repeats):
+    """The rule-based checker on generated images: (B, max_instances), 1 for each asked instance that
+    passes, 0 for one that fails and on empty slots; image j was asked for scenes[j // repeats]. Logged
+    beside the reward to show whether the reward agrees with the checker; it enters the reward only as
+    the oracle (reward_kind "checker")."""
+    passed = torch.zeros(len(images), max_instances)
+    for j, picture in enumerate(sampler.to_uint8(images)):
+        for k, inst in enumerate(scenes[j // repeats]["instances"]):
+            passed[j, k] = float(shapescenes.check_instance(picture, inst)["success"])
+    return passed.to(dev)
 
 
 def score(images, batch, checker, update):
-    """The reward_kind's reward of generated images -> {"reward", "iou", "confidence"}, each (B,).
-    checker: the images' checker_per_image (ShapeScenes) or None. The noise reward is drawn from (seed,
-    update) for the global batch, so that N ranks draw what one rank draws."""
+    """The reward_kind's reward of generated images -> {"reward", "iou", "confidence"}, each (B,), and
+    "per_instance" (B, max_instances), whose instance_mean is the reward. checker: the images'
+    checker_per_instance (ShapeScenes) or None. The noise reward is drawn per instance from (seed, update)
+    for the global batch, so that N ranks draw what one rank draws."""
     if reward_kind == "grounding":
         with runtime.autocast(dev):
             return rewards.layout_reward(grounder, images, batch)
     if reward_kind == "brightness":
-        reward = rewards.brightness_reward(images, batch["boxes"], batch["instance_mask"])
+        per_instance = rewards.brightness_reward(images, batch["boxes"])
     elif reward_kind == "checker":
-        reward = checker
+        per_instance = checker
     else:
         g = runtime.step_generator(seed + 104729, update, dev)
         first = dist_ctx.rank * samples_per_rank
-        reward = torch.rand(dist_ctx.world * samples_per_rank, generator=g, device=dev)[first:first + len(images)]
-    return {"reward": reward, "iou": torch.zeros_like(reward), "confidence": torch.zeros_like(reward)}
+        per_instance = torch.rand((dist_ctx.world * samples_per_rank, max_instances), generator=g,
+                                  device=dev)[first:first + len(images)]
+    per_instance = per_instance * batch["instance_mask"]
+    reward = rewards.instance_mean(per_instance, batch["instance_mask"])
+    return {"reward": reward, "per_instance": per_instance, "iou": torch.zeros_like(reward),
+            "confidence": torch.zeros_like(reward)}
 
 
 @torch.no_grad()
@@ -523,7 +557,7 @@ def probe(update):
     if layout_pool is None:
         record["probe_isr"] = shapescenes.check_images(scenes, sampler.to_uint8(images))["isr"]
     if reward_kind != "noise" and (reward_kind != "checker" or layout_pool is None):
-        checker = checker_per_image(images, scenes, 1) if reward_kind == "checker" else None
+        checker = checker_per_instance(images, scenes, 1) if reward_kind == "checker" else None
         record["probe_reward"] = score(images, batch, checker, update)["reward"].float().mean().item()
     return record
 
@@ -544,13 +578,26 @@ def rl_update(update):
                   **{k: torch.cat([p[k] for p in parts], dim=1) for k in ("x_t", "x_next", "log_prob")},
                   **{k: parts[0][k] for k in ("t", "t_next", "step")}}
     # ShapeScenes: the checker judges the policy's own samples (logged beside the reward, or the oracle reward)
-    checker = checker_per_image(trajectory["x0"], scenes, group_size) if layout_pool is None else None
+    checker = checker_per_instance(trajectory["x0"], scenes, group_size) if layout_pool is None else None
     scored = score(trajectory["x0"], batch, checker, update)
     reward = scored["reward"].float()
     steps = trained_steps(update, len(trajectory["step"]))
     record = {}
-    if algo == "self_train":
-        record.update(self_train_update(trajectory["x0"], batch, reward, update))
+    if algo == "self_train":  # each group's best sample, kept if its reward reaches the threshold
+        grouped = reward.view(-1, group_size)  # (layouts, G)
+        best = grouped.argmax(1) + torch.arange(len(grouped), device=dev) * group_size  # (layouts,) rows of the batch
+        keep = (reward[best] >= self_train_threshold).float()
+        record.update(flow_update(trajectory["x0"], batch, best, keep, update),
+                      self_train_kept=dist_ctx.all_reduce_mean(keep.sum().item()) * dist_ctx.world)
+    elif algo == "awm":  # every sample, its flow loss weighted by its group advantage (0 in a tied group)
+        if credit == "image":
+            weight = rewards.group_advantages(reward, group_size, adv_eps, adv_clip)  # (B,)
+        else:  # each asked instance's advantage over the pixels of its box, 0 elsewhere: (B, 1, R, R)
+            advantages = rewards.instance_advantages(scored["per_instance"], batch["instance_mask"], group_size,
+                                                     adv_eps, adv_clip)
+            weight = rewards.instance_weight_map(advantages, batch["boxes"], batch["instance_mask"], res)
+        record.update(flow_update(trajectory["x0"], batch, torch.arange(len(reward), device=dev), weight, update,
+                                  tied=group_size))
     elif algo == "grpo":
         advantages = rewards.group_advantages(reward, group_size, adv_eps, adv_clip)
         # a group whose samples all scored the same carries no signal: it is skipped
@@ -562,7 +609,7 @@ def rl_update(update):
         everyone = gather(advantages.flatten())  # normalized over the gathered batch, as one rank would
         advantages = ((advantages - everyone.mean()) / (everyone.std(unbiased=False) + adv_eps)).clamp(-adv_clip, adv_clip)
         weight = torch.ones_like(reward)
-    if algo != "self_train":
+    if algo in ("grpo", "ppo"):
         record.update(policy_update(trajectory, batch, advantages, weight, steps, update))
     if ground_generated:
         record["ground_loss"], n_used = ground_generated_images(trajectory["x0"], batch, reward, update)
@@ -573,8 +620,9 @@ def rl_update(update):
                   reward_iou=dist_ctx.all_reduce_mean(scored["iou"].mean().item()),
                   reward_conf=dist_ctx.all_reduce_mean(scored["confidence"].mean().item()))
     if checker is not None:
-        record.update(rewards.agreement(all_rewards, gather(checker), group_size))
-    for key in ("kl", "clip_frac", "approx_kl", "policy_loss", "critic_loss", "ground_loss", "idm", "self_train_loss"):
+        record.update(rewards.agreement(all_rewards, gather(rewards.instance_mean(checker, batch["instance_mask"])),
+                                        group_size))
+    for key in ("kl", "clip_frac", "approx_kl", "policy_loss", "critic_loss", "ground_loss", "idm", "flow_loss"):
         if key in record:
             record[key] = dist_ctx.all_reduce_mean(record[key])
     record["grad_norm"] = dist_ctx.all_reduce_max(record["grad_norm"])  # all-reduced gradients: the same on every rank

@@ -270,9 +270,28 @@ def test_brightness_reward_reads_inside_the_boxes():
     images = -torch.ones(1, 3, 8, 8)
     images[:, :, :4, :4] = 1.0  # the top-left quarter is white
     boxes = torch.tensor([[[0.0, 0.0, 0.5, 0.5], [0.5, 0.5, 1.0, 1.0], [0, 0, 0, 0]]])
-    torch.testing.assert_close(rewards.brightness_reward(images, boxes[:, :1], torch.tensor([[True]])), torch.tensor([1.0]))
-    torch.testing.assert_close(rewards.brightness_reward(images, boxes, torch.tensor([[True, True, False]])),
+    per_instance = rewards.brightness_reward(images, boxes)
+    torch.testing.assert_close(per_instance[:, :2], torch.tensor([[1.0, 0.0]]))
+    torch.testing.assert_close(rewards.instance_mean(per_instance, torch.tensor([[True, True, False]])),
                                torch.tensor([0.5]))
+
+
+def test_instance_advantages_compare_each_object_with_itself_in_the_group_and_stay_in_its_box():
+    # 2 layouts x G = 2 samples, 3 slots: layout 0 asks 2 objects, each passing in one sample; layout 1 asks 3,
+    # its first two passing in sample 0 only, its third tied (failed in both)
+    passed = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
+    mask = torch.tensor([[True, True, False], [True, True, False], [True, True, True], [True, True, True]])
+    advantages = rewards.instance_advantages(passed, mask, group_size=2, eps=1e-6)
+    torch.testing.assert_close(advantages, torch.tensor([[1.0, -1.0, 0.0], [-1.0, 1.0, 0.0],
+                                                         [1.0, 1.0, 0.0], [-1.0, -1.0, 0.0]]), atol=1e-5, rtol=0)
+    # layout 0's image-level advantages tie (both samples pass half): only the instance credit sees it
+    assert rewards.group_advantages(rewards.instance_mean(passed, mask), 2)[:2].abs().sum() == 0
+    # the map: each box's pixels carry its instance's advantage, two boxes' shared pixels their mean, the rest 0
+    boxes = torch.tensor([[0.0, 0.0, 0.5, 0.5], [0.25, 0.25, 0.75, 0.75], [0.0, 0.75, 0.25, 1.0]]).expand(4, 3, 4)
+    weight = rewards.instance_weight_map(advantages, boxes, mask, 4)[:, 0]  # (B, R, R)
+    torch.testing.assert_close(weight[0, [0, 2, 1, 3], [0, 2, 1, 3]], torch.tensor([1.0, -1.0, 0.0, 0.0]), atol=1e-5,
+                               rtol=0)  # box 0 only, box 1 only, both ((1 - 1) / 2), none
+    assert weight[2, 3, 0] == 0.0  # the box of a tied instance
 
 
 # -----------------------------------------------------------------------------
@@ -330,12 +349,14 @@ def cycle_rl_side_by_side(ckpt, runs):
     return {out: read_log(out) for out in runs}
 
 
-def test_grpo_updates_raise_an_analytic_reward(pmtp_ckpt, tmp_path):
+@pytest.mark.parametrize("algo", ["grpo", "awm"])
+def test_updates_raise_an_analytic_reward(pmtp_ckpt, tmp_path, algo):
     """The sanity ladder's first rung (docs/cycle_rl.md): mean brightness inside the boxes must rise, on
     the update's own samples and on the fixed probe; the same layouts and noise with lr = 0 are the
     control, whose probe must not move at all. 64 samples per update: with 16 the gradient estimate was
     too noisy for the reward to rise reliably in 15 updates."""
-    common = ["--reward_kind=brightness", "--ground_generated=False", "--layouts_per_update=8", "--group_size=8",
+    common = [f"--algo={algo}", "--reward_kind=brightness", "--ground_generated=False", "--layouts_per_update=8",
+              "--group_size=8",
               "--kl_weight=0", "--max_steps=15", "--ckpt_interval=0", "--warmup_steps=0", "--train_steps=all",
               "--sde_window_end=0"]
     lrs = (0.0, 3e-3)
@@ -344,7 +365,7 @@ def test_grpo_updates_raise_an_analytic_reward(pmtp_ckpt, tmp_path):
     curves = {lr: np.array([r["reward"] for r in updates[lr]]) for lr in lrs}
     probes = {lr: np.array([r["probe_reward"] for r in logs[tmp_path / f"lr{lr}"]]) for lr in lrs}
     # one minibatch per update: the policy is scored exactly as it sampled, so the ratio is 1
-    assert all(r["approx_kl"] == 0.0 and r["clip_frac"] == 0.0 for log in updates.values() for r in log)
+    assert all(r["ratio_error"] == 0.0 and r.get("approx_kl", 0.0) == 0.0 for log in updates.values() for r in log)
     assert len(curves[0.0]) == 15 and len(probes[0.0]) == 16  # the probe before the first update too
     np.testing.assert_allclose(curves[0.0][0], curves[3e-3][0], rtol=1e-6)  # the same start
     assert np.all(probes[0.0] == probes[0.0][0]) and probes[3e-3][0] == probes[0.0][0]
@@ -386,7 +407,7 @@ def test_the_policy_starts_from_the_init_ema_and_takes_no_step_without_signal(pm
             assert np.array_equal(saved[key], value), (which, key)
 
 
-@pytest.mark.parametrize("algo", ["grpo", "ppo"])
+@pytest.mark.parametrize("algo", ["grpo", "ppo", "awm"])
 def test_resumed_run_equals_uninterrupted_run(pmtp_ckpt, tmp_path, algo):
     # the micro model's images score 0.14 to 0.22: a threshold below that lets the cycle's gift run
     extra = [f"--algo={algo}", "--ground_threshold=0.1", "--train_steps=random", "--same_noise=True", "--ground_negatives=2"]
@@ -395,9 +416,9 @@ def test_resumed_run_equals_uninterrupted_run(pmtp_ckpt, tmp_path, algo):
     parts = cycle_rl(pmtp_ckpt, tmp_path / "parts", *extra, "--max_steps=4", "--init_from=resume")
     assert parts == whole and len(update_records(whole)) == 4 and "probe_isr" in whole[0]
     whole = update_records(whole)
-    assert all(k in whole[0] for k in ("reward", "reward_std_in_group", "kl", "clip_frac", "approx_kl", "tie_groups",
-                                       "sample_isr", "reward_checker_corr", "reward_checker_corr_in_group",
-                                       "grad_norm", "probe_isr", "probe_reward"))
+    assert all(k in whole[0] for k in ("reward", "reward_std_in_group", "kl", "tie_groups", "sample_isr",
+                                       "reward_checker_corr", "reward_checker_corr_in_group", "grad_norm", "probe_isr",
+                                       "probe_reward", *(("flow_loss",) if algo == "awm" else ("clip_frac", "approx_kl"))))
     assert all(r["ratio_error"] == 0.0 for r in whole)  # each update's first minibatch scores as it sampled
     assert any(r["ground_images"] > 0 for r in whole)  # the cycle's gift to grounding ran
     for which in ("model", "ema"):
@@ -406,7 +427,7 @@ def test_resumed_run_equals_uninterrupted_run(pmtp_ckpt, tmp_path, algo):
             assert np.array_equal(value, b[key]), (which, key)
 
 
-@pytest.mark.parametrize("algo", ["grpo", "ppo"])
+@pytest.mark.parametrize("algo", ["grpo", "ppo", "awm"])
 def test_two_process_ddp_equals_one_process_with_the_same_layouts(pmtp_ckpt, tmp_path, algo):
     """Each rank its own layouts: 2 ranks x 1 layout must make the update of 1 rank x 2 layouts
     (the same layouts, initial and SDE noise per sample, rows counted over all ranks, the gift's
@@ -439,10 +460,11 @@ def test_normalized_critic_advantages_have_zero_mean_and_unit_std():
 @pytest.mark.parametrize("flag, words", [("--reward_kind=nois", ["reward_kind", "'nois'"]),
                                          ("--init_weights=raw", ["init_weights", "'raw'"]),
                                          ("--sample_batch=3", ["sample_batch 3", "8 samples"]),
-                                         ("--algo=rft", ["algo", "'rft'"])])
+                                         ("--algo=rft", ["algo", "'rft'"]),
+                                         ("--algo=awm --minibatches=2", ["minibatches 2", "awm"])])
 def test_bad_cycle_rl_settings_are_refused_with_one_line_and_nothing_written(pmtp_ckpt, tmp_path, flag, words):
     result = subprocess.run([sys.executable, "train_cycle_rl.py", f"--init_from={pmtp_ckpt}", f"--out_dir={tmp_path / 'rl'}",
-                             *MICRO_RL, flag], cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
+                             *MICRO_RL, *flag.split()], cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
     assert all(word in result.stderr for word in words), result.stderr
