@@ -7,8 +7,13 @@ bf16 on CUDA), not against a datasheet, so the figure is honest on any machine.
     python bench.py                       # the tiny CPU config of train_pretrain.py
     python bench.py config/gpu.py         # the R = 64 GPU config (bf16, torch.compile)
     python bench.py --batch_size=64 --steps=20
+    python bench.py --verify_ckpt=out/pipeline/cycle_rl/ckpt   # self-verified sampling of a checkpoint instead
 
-Prints one JSON line of figures.
+Prints one JSON line of figures. With verify_ckpt: the seconds per image of sampler.generate_verified
+with that checkpoint's own head (EMA weights) for each (best_of, repair) of verify_arms, on the first
+sample_batch scenes of verify_set, each timed after an untimed warm-up on 2 scenes, and the
+checker's ISR of each arm's images on those scenes (a context, not an evaluation: evaluate.py
+--self_verify is that).
 """
 
 import json
@@ -19,6 +24,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import data
+import detector
 import layouts
 import runtime
 import shapescenes
@@ -57,6 +63,9 @@ warmup_bench = 5
 sample_steps = 25  # sampler: Euler steps per image
 cfg_scale = 3.0
 sample_batch = 64
+verify_ckpt = ""  # a checkpoint with a grounding head: time self-verified sampling (and nothing else)
+verify_set = "heldout"
+verify_arms = "1:0,4:0,4:2"  # best_of:repair pairs
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
 globals().update(runtime.configure({k: globals()[k] for k in config_keys}, sys.argv[1:], skip_unknown_file_keys=True))
@@ -90,8 +99,42 @@ def training_flops_per_step(step_loss):
     return counter.get_total_flops()
 
 
+def bench_self_verified(dev):
+    """Seconds per image of self-verified sampling with a trained checkpoint, per (best_of, repair)."""
+    model, tokenizer, _ = runtime.load_model(verify_ckpt, EchoGen, "ema", dev)
+    if not model.config.grounding:
+        runtime.fail(f"verify_ckpt '{verify_ckpt}': a generation-only EchoGen has no grounding head to verify with")
+    try:
+        arms = [tuple(int(x) for x in arm.split(":")) for arm in verify_arms.split(",")]
+    except ValueError:
+        runtime.fail(f"verify_arms must be best_of:repair pairs such as '1:0,4:2', got {verify_arms!r}")
+    grounder = detector.Grounder("EchoGen", model, tokenizer, model.config.res, model.config.max_instances, dev)
+    scenes = shapescenes.make_scene_set(verify_set, sample_batch, seed=0)
+    model.eval()
+    figures = {}
+    for best_of, repair in arms:
+        run = lambda batch: sampler.generate_verified(model, grounder, batch, tokenizer, sample_steps, cfg_scale,
+                                                      candidates=best_of, repair_rounds=repair)
+        run(scenes[:2])  # warm up
+        synchronize(dev)
+        tic = time.perf_counter()
+        images, _ = run(scenes)
+        synchronize(dev)
+        figures[f"best_of_{best_of}_repair_{repair}"] = {
+            "seconds_per_image": round((time.perf_counter() - tic) / len(scenes), 4),
+            "isr": round(shapescenes.check_images(scenes, images)["isr"], 4)}
+    print(json.dumps({"device": device_name(dev), "ckpt": verify_ckpt, "set": verify_set, "scenes": len(scenes),
+                      "sample_steps": sample_steps, "cfg": cfg_scale, **figures}))
+
+
+def device_name(dev):
+    return torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu x {torch.get_num_threads()} threads"
+
+
 def main():
     dev = runtime.Dist(device).device
+    if verify_ckpt:
+        return bench_self_verified(dev)
     torch.manual_seed(0)
     tokenizer = shapescenes.build_tokenizer()
     cache = data.load_or_prepare_cache(res, cache_scenes, 0, data_dir=data_dir, max_instances=max_instances)
@@ -150,7 +193,7 @@ def main():
     peak = measured_peak_flops(dev)
     achieved = flops * steps / step_seconds
     print(json.dumps({
-        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu x {torch.get_num_threads()} threads",
+        "device": device_name(dev),
         "res": res, "params_M": round(model.num_params() / 1e6, 2), "batch_size": batch_size, "compile": compile,
         "ground_every": ground_every, "idm": idm,
         "train_steps_per_s": round(steps / step_seconds, 3),
