@@ -444,8 +444,9 @@ def policy_update(trajectory, batch, advantages, weight, steps, update):
 def flow_update(images, batch, rows, row_weight, update, tied=1):
     """One optimizer step of the flow loss on the policy's own samples images[rows] with their asked
     layouts as the condition (PMTP's generation term and condition dropout), each row weighted by
-    row_weight (n,), or each pixel by a weight map (n, 1, R, R), plus kl_weight x the velocity-matching term ||v - v_ref||^2 to the frozen reference at the
-    same x_t (the KL of two Euler-Maruyama steps of one std is this up to a factor). The mean runs over
+    row_weight (n,), or each pixel by a weight map (n, 1, R, R), plus kl_weight x the velocity-matching
+    term ||v - v_ref||^2 to the frozen reference at the same x_t (the KL of two Euler-Maruyama steps of
+    one std is this up to a factor). The mean runs over
     every row passed, accumulated over forward passes of chunk_rows; no step when no rank has a row of
     nonzero weight. self_train: the rows are each group's best sample, weighted 1 if it reaches the
     threshold; awm: every sample, weighted by its group advantage, and tied = group_size: the rows of a
@@ -465,7 +466,7 @@ def flow_update(images, batch, rows, row_weight, update, tied=1):
     pairs = {**{k: v[rows] for k, v in batch.items()}, "images": images[rows].detach().clamp(-1, 1)}
     x_t, caption_ids, instance_mask = objectives.pmtp_inputs(pairs, torch.zeros(n, dtype=torch.long, device=dev), t,
                                                              noise, drop)
-    passes = [slice(start, start + chunk_rows) for start in range(0, n, chunk_rows)]
+    passes = chunks(range(n))
     for k, r in enumerate(passes):
         if dist_ctx.ddp:  # gradients are all-reduced with the last backward (nanoGPT)
             train_model.require_backward_grad_sync = k == len(passes) - 1
